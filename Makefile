@@ -1,0 +1,48 @@
+# photoferry: `make up` runs the stack locally, `make test` runs the test suite.
+# Both install what is missing first (a virtualenv in .venv, pinned by constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: up test lint bench bench-gateway definitions lock clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	./devtools/system-deps.sh python
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(INSTALLED)
+
+## up: run broker, local store, stand-in remote S3 and the services until Ctrl-C
+up: $(INSTALLED)
+	$(BIN)/python -m devtools.stack
+
+## test: the whole suite, against real servers it starts itself (a few minutes)
+test: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m pytest
+
+## lint: ruff over the code
+lint: $(INSTALLED)
+	$(BIN)/ruff check services devtools tests bench
+
+## bench-gateway: gateway CPU per accepted upload against a bare aiohttp floor
+bench-gateway: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m bench.gateway_cpu
+
+bench: bench-gateway
+
+## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
+definitions: $(INSTALLED)
+	$(BIN)/python -m services.common.topology > rabbitmq/definitions.json
+
+## lock: re-pin constraints.txt from pyproject.toml (needs uv)
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 --no-header \
+		--annotation-style line -o constraints.txt
+
+clean:
+	rm -rf $(VENV) .stack .pytest_cache

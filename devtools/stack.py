@@ -1,0 +1,200 @@
+"""``make up``: run the whole stack locally, as processes, until Ctrl-C.
+
+Reuses the RabbitMQ at ``PHOTOFERRY_AMQP_URL`` when it answers, else starts a
+private node; starts two S3-protocol servers (the site's local store and a
+stand-in for the remote S3); creates the buckets; starts the services; prints a
+device token and a command that uploads a sample photo. Ctrl-C stops everything
+it started, and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+
+from devtools.servers import (
+    REPO,
+    RabbitNode,
+    S3Server,
+    ServiceProcess,
+    free_port,
+    port_is_free,
+)
+from services.common.s3 import ensure_bucket, s3_client
+from services.common.tokens import device_token
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+SERVICES = ("gateway", "store", "shipper")
+DEV_DEVICE = "cam-dev-01"
+
+
+def _broker_accepts(url: str) -> bool:
+    async def attempt() -> None:
+        connection = await aio_pika.connect(url, timeout=3)
+        await connection.close()
+
+    try:
+        asyncio.run(attempt())
+    except Exception:
+        return False
+    return True
+
+
+def _persistent_secret(path: Path) -> str:
+    """A secret kept across runs, so device tokens printed earlier stay valid."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _preferred_port(port: int) -> int:
+    return port if port_is_free(port) else 0
+
+
+def _follow(name: str, logfile: Path) -> None:
+    """Echo a service's log to the terminal, prefixed with its name."""
+    with open(logfile, errors="replace") as log:
+        while True:
+            line = log.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            sys.stdout.write(f"{name:>8} | {line}")
+            sys.stdout.flush()
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[tuple[str, object]] = []  # stopped in reverse order
+        self.services: dict[str, ServiceProcess] = {}
+
+    def broker_url(self) -> str:
+        url = os.environ.get("PHOTOFERRY_AMQP_URL") or DEFAULT_AMQP_URL
+        if _broker_accepts(url):
+            print(f"using the RabbitMQ at {urlsplit(url).hostname}:{urlsplit(url).port or 5672}")
+            return url
+        print("no RabbitMQ answers at PHOTOFERRY_AMQP_URL; starting a private node (about 10 s)")
+        node = RabbitNode(self.workdir / "rabbitmq", amqp_port=_preferred_port(5673) or None)
+        node.start()
+        self.started.append(("rabbitmq", node))
+        print(f"private RabbitMQ on port {node.amqp_port} (management on {node.management_port})")
+        return node.url
+
+    def s3_server(self, name: str, port: int) -> S3Server:
+        server = S3Server(self.workdir / name, port=_preferred_port(port) or None)
+        server.start()
+        self.started.append((name, server))
+        print(f"{name}: {server.kind} at {server.endpoint}")
+        return server
+
+    def start_service(self, name: str, env: dict[str, str], port: int) -> None:
+        service = ServiceProcess(name, env, port=port, logfile=self.workdir / "logs" / f"{name}.log")
+        service.start()
+        threading.Thread(target=_follow, args=(name, service.logfile), daemon=True).start()
+        self.services[name] = service
+        self.started.append((name, service))
+
+    def stop(self) -> None:
+        for name, thing in reversed(self.started):
+            thing.stop()  # type: ignore[attr-defined]
+            print(f"stopped {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / ".stack")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    stack = Stack(args.workdir)
+    # Ctrl-C and SIGTERM both end in an orderly stop of what was started (set
+    # explicitly: a shell may start a background job with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        amqp_url = stack.broker_url()
+        local = stack.s3_server("local-store", 9000)
+        remote = stack.s3_server("remote-s3", 9100)
+        ensure_bucket(s3_client(local.endpoint, access_key=local.access_key,
+                                secret_key=local.secret_key, region="us-east-1"), "photoferry")
+        ensure_bucket(s3_client(remote.endpoint, access_key=remote.access_key,
+                                secret_key=remote.secret_key, region="us-east-1"), "photoferry-remote")
+
+        device_secret = _persistent_secret(args.workdir / "device-secret")
+        admin_token = _persistent_secret(args.workdir / "admin-token")
+        ports = {name: _preferred_port(8080 + i) or free_port() for i, name in enumerate(SERVICES)}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PHOTOFERRY_LOG_FORMAT": os.environ.get("PHOTOFERRY_LOG_FORMAT", "text"),
+            "PHOTOFERRY_AMQP_URL": amqp_url,
+            "PHOTOFERRY_STORE_ENDPOINT": local.endpoint,
+            "PHOTOFERRY_STORE_ACCESS_KEY": local.access_key,
+            "PHOTOFERRY_STORE_SECRET_KEY": local.secret_key,
+            "PHOTOFERRY_STORE_BUCKET": "photoferry",
+            "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
+            "PHOTOFERRY_S3_BUCKET": "photoferry-remote",
+            "PHOTOFERRY_S3_PREFIX": "site-dev/",
+            "AWS_ACCESS_KEY_ID": remote.access_key,
+            "AWS_SECRET_ACCESS_KEY": remote.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PHOTOFERRY_DEVICE_SECRET": device_secret,
+            "PHOTOFERRY_ADMIN_TOKEN": admin_token,
+            "PHOTOFERRY_SHIP_RATE": os.environ.get("PHOTOFERRY_SHIP_RATE", "40Mbit"),
+        }
+        env.update({f"PHOTOFERRY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+        for name in SERVICES:
+            if (REPO / "services" / name / "__main__.py").exists():
+                stack.start_service(name, env, ports[name])
+
+        _print_welcome(ports, device_secret, admin_token, remote)
+        while all(s.process and s.process.poll() is None for s in stack.services.values()):
+            time.sleep(0.5)
+        exited = [n for n, s in stack.services.items() if s.process and s.process.poll() is not None]
+        print(f"{', '.join(exited)} exited; stopping the stack")
+    except KeyboardInterrupt:
+        print("\nstopping the stack")
+    finally:
+        stack.stop()
+
+
+def _print_welcome(ports: dict[str, int], device_secret: str, admin_token: str,
+                   remote: S3Server) -> None:
+    token = device_token(device_secret, DEV_DEVICE)
+    gateway = f"http://127.0.0.1:{ports['gateway']}"
+    sample = REPO / "devtools" / "sample.jpg"
+    print(f"""
+photoferry is up.
+  gateway     {gateway}   (OpenAPI: {gateway}/openapi.json)
+  remote S3   {remote.endpoint}  bucket photoferry-remote, prefix site-dev/
+
+Device {DEV_DEVICE}'s token:
+  export TOKEN={token}
+
+Upload the sample photo (201 the first time, 200 with the same id after):
+  curl -sS -X POST {gateway}/v1/photos \\
+    -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+    -d "{{\\"device_id\\":\\"{DEV_DEVICE}\\",\\"captured_at\\":\\"2026-01-01T12:00:00Z\\",\\
+\\"image\\":\\"$(base64 -w0 {sample})\\"}}"
+
+Then follow it (the id is in the answer):  curl -sS -H "Authorization: Bearer $TOKEN" {gateway}/v1/photos/<id>
+Operator token: {admin_token}
+
+Ctrl-C stops everything started here.
+""")
+
+
+if __name__ == "__main__":
+    main()

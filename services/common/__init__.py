@@ -1,0 +1,1 @@
+"""What the gateway, the store keeper and the shipper share: config, contracts, clients."""

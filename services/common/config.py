@@ -1,0 +1,184 @@
+"""Configuration: every service reads its environment here, once, into a frozen object.
+
+Nothing else in the code base reads ``os.environ`` (the OpenTelemetry SDK and boto3
+read their own standard ``OTEL_*`` and ``AWS_*`` variables). A missing or malformed
+variable stops the service at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.common.units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+Env = Mapping[str, str]
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or malformed."""
+
+
+def required(env: Env, name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is required but not set")
+    return value
+
+
+def optional(env: Env, name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def parsed(env: Env, name: str, parser: Callable[[str], T], default: str) -> T:
+    text = optional(env, name, default)
+    try:
+        return parser(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def port(env: Env, name: str, default: int) -> int:
+    value = parsed(env, name, int, str(default))
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{name}: {value} is not a TCP port")
+    return value
+
+
+def positive_int(env: Env, name: str, default: int) -> int:
+    value = parsed(env, name, int, str(default))
+    if value < 1:
+        raise ConfigError(f"{name}: must be at least 1, not {value}")
+    return value
+
+
+def switch(env: Env, name: str, default: bool) -> bool:
+    text = optional(env, name, "on" if default else "off").lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name}: {text!r} is neither on nor off")
+
+
+def endpoint_url(env: Env, name: str) -> str:
+    value = required(env, name)
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{name}: {value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str
+    format: str  # "json", "text", or "auto" (JSON unless stdout is a terminal)
+
+    @classmethod
+    def from_env(cls, env: Env) -> LogSettings:
+        level = optional(env, "PHOTOFERRY_LOG_LEVEL", "info").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"PHOTOFERRY_LOG_LEVEL: {level!r} is not debug, info, warning or error")
+        fmt = optional(env, "PHOTOFERRY_LOG_FORMAT", "auto").lower()
+        if fmt not in ("auto", "json", "text"):
+            raise ConfigError(f"PHOTOFERRY_LOG_FORMAT: {fmt!r} is not auto, json or text")
+        return cls(level=level, format=fmt)
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """What the services need to know of the standard OTEL variables; the SDK reads the rest."""
+
+    disabled: bool
+    export_configured: bool
+
+    @classmethod
+    def from_env(cls, env: Env) -> TracingSettings:
+        return cls(
+            disabled=env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true",
+            export_configured=bool(
+                env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The local S3-protocol store (MinIO on a site)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    region: str
+    timeout: float
+
+    @classmethod
+    def from_env(cls, env: Env) -> StoreSettings:
+        return cls(
+            endpoint=endpoint_url(env, "PHOTOFERRY_STORE_ENDPOINT"),
+            access_key=required(env, "PHOTOFERRY_STORE_ACCESS_KEY"),
+            secret_key=required(env, "PHOTOFERRY_STORE_SECRET_KEY"),
+            bucket=optional(env, "PHOTOFERRY_STORE_BUCKET", "photoferry"),
+            region=optional(env, "PHOTOFERRY_STORE_REGION", "us-east-1"),
+            timeout=parsed(env, "PHOTOFERRY_STORE_TIMEOUT", parse_duration, "10s"),
+        )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    port: int
+    amqp_url: str
+    store: StoreSettings
+    device_secret: str | None  # None only when device auth is switched off
+    max_image_bytes: int
+    max_inflight: int
+    max_inflight_bytes: int
+    publish_timeout: float
+    retry_after_s: int
+    shutdown_timeout: float
+    logging: LogSettings
+    tracing: TracingSettings
+
+    @classmethod
+    def from_env(cls, env: Env) -> GatewayConfig:
+        auth_on = switch(env, "PHOTOFERRY_DEVICE_AUTH", default=True)
+        secret = env.get("PHOTOFERRY_DEVICE_SECRET", "") or None
+        if auth_on and not secret:
+            raise ConfigError(
+                "PHOTOFERRY_DEVICE_SECRET is required (or set PHOTOFERRY_DEVICE_AUTH=off, "
+                "for development only, to accept uploads without device tokens)"
+            )
+        max_image = parsed(env, "PHOTOFERRY_MAX_IMAGE_BYTES", parse_size, "16MiB")
+        if max_image < 1:
+            raise ConfigError("PHOTOFERRY_MAX_IMAGE_BYTES: must be at least 1 byte")
+        return cls(
+            port=port(env, "PHOTOFERRY_GATEWAY_PORT", 8080),
+            amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
+            store=StoreSettings.from_env(env),
+            device_secret=secret if auth_on else None,
+            max_image_bytes=max_image,
+            max_inflight=positive_int(env, "PHOTOFERRY_GATEWAY_MAX_INFLIGHT", 64),
+            max_inflight_bytes=parsed(
+                env, "PHOTOFERRY_GATEWAY_MAX_INFLIGHT_BYTES", parse_size, "512MiB"
+            ),
+            publish_timeout=parsed(env, "PHOTOFERRY_PUBLISH_TIMEOUT", parse_duration, "5s"),
+            retry_after_s=positive_int(env, "PHOTOFERRY_RETRY_AFTER", 5),
+            shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
+            logging=LogSettings.from_env(env),
+            tracing=TracingSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
+class CliConfig:
+    """What the ``photoferry`` command needs; each subcommand checks what it uses."""
+
+    device_secret: str | None
+
+    @classmethod
+    def from_env(cls, env: Env) -> CliConfig:
+        return cls(device_secret=env.get("PHOTOFERRY_DEVICE_SECRET") or None)

@@ -1,0 +1,185 @@
+"""What every HTTP service shares: a server span, HTTP metrics, one log line per request,
+and a graceful stop.
+
+A caller's ``traceparent`` is untrusted input (a device can send anything), so
+each request starts a new trace and keeps the caller's context only as a link.
+Handlers add fields to the request's log line through ``log_fields(request)``.
+
+On SIGTERM the server stops listening and lets requests in flight finish before
+aiohttp's own shutdown runs: aiohttp stops reading from every connection as soon
+as its shutdown begins (aio-libs/aiohttp#2298), which would cut an upload whose
+body is still arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from services.common.problems import Problem
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("photoferry.request")
+tracer = trace.get_tracer("photoferry.http")
+
+_LOG_FIELDS = web.RequestKey("log_fields", dict)
+
+
+class ServerState:
+    """Requests in flight, and whether the server is draining before a stop."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def begin(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self.idle.set()
+
+
+SERVER_STATE = web.AppKey("server_state", ServerState)
+
+
+class HttpMetrics:
+    """Request counts, durations and in-flight requests of one HTTP service."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            f"photoferry_{service}_http_requests",
+            "HTTP requests answered, by route and status",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            f"photoferry_{service}_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            ["method", "route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"photoferry_{service}_http_requests_in_flight",
+            "HTTP requests being handled now",
+            registry=registry,
+        )
+
+
+def log_fields(request: web.Request) -> dict[str, Any]:
+    """The fields of this request's log line; handlers add to it."""
+    return request.setdefault(_LOG_FIELDS, {})  # type: ignore[no-any-return]
+
+
+def _route_of(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def request_middleware(metrics: HttpMetrics, state: ServerState) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if state.draining:
+            # A request that arrives on an open connection during the stop.
+            return Problem(
+                503, "the service is stopping; retry on another instance", retry_after=1,
+                headers={"Connection": "close"},
+            ).response()
+        state.begin()
+        try:
+            return await _traced(request, handler, metrics)
+        finally:
+            state.end()
+
+    return middleware
+
+
+async def _traced(request: web.Request, handler: Any, metrics: HttpMetrics) -> web.StreamResponse:
+    route = _route_of(request)
+    caller = trace.get_current_span(propagate.extract(request.headers)).get_span_context()
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight.inc()
+    with tracer.start_as_current_span(
+        f"{request.method} {route}",
+        context=Context(),
+        kind=SpanKind.SERVER,
+        links=[Link(caller)] if caller.is_valid else None,
+        attributes={
+            "http.request.method": request.method,
+            "http.route": route,
+            "url.path": request.path,
+        },
+    ) as span:
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.in_flight.dec()
+            metrics.requests.labels(request.method, route, str(status)).inc()
+            metrics.duration.labels(request.method, route).observe(elapsed)
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            if route not in ("/healthz", "/readyz", "/metrics"):
+                request_log.info(
+                    "%s %s %d",
+                    request.method,
+                    request.path,
+                    status,
+                    extra={"duration_ms": round(elapsed * 1000, 2), **log_fields(request)},
+                )
+
+
+def metrics_handler(registry: CollectorRegistry) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler
+
+
+def run(app: web.Application, *, port: int, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM/SIGINT; then stop accepting, let requests finish, clean up."""
+    asyncio.run(_serve(app, app[SERVER_STATE], port=port, shutdown_timeout=shutdown_timeout))
+
+
+async def _serve(app: web.Application, state: ServerState, *, port: int, shutdown_timeout: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, port=port)
+        await site.start()
+        log.info("listening", extra={"port": port})
+        await stop.wait()
+
+        log.info("stopping: finishing requests in flight", extra={"in_flight": state.in_flight})
+        state.draining = True
+        await site.stop()
+        try:
+            await asyncio.wait_for(state.idle.wait(), shutdown_timeout)
+        except TimeoutError:
+            log.warning("stopping with requests still in flight", extra={"in_flight": state.in_flight})
+    finally:
+        await runner.cleanup()

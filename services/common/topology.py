@@ -1,0 +1,147 @@
+"""The broker's topology: exchanges, queues and bindings, with their exact arguments.
+
+This module is the source of ``rabbitmq/definitions.json`` (``python -m
+services.common.topology > rabbitmq/definitions.json``; a test keeps the two
+equal). Services declare the same entities with the same arguments at start, so
+they also work against a bare broker; they never delete or re-declare a queue
+with other arguments (the broker would refuse, and deleting drops messages).
+
+Arguments are explicit rather than left to broker defaults, which differ between
+RabbitMQ 3.10 (Debian) and the 3.13/4.x image the k3s manifests run.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+PHOTOS_EXCHANGE = "photoferry.photos"
+PARKING_EXCHANGE = "photoferry.parking"
+SHIP_QUEUE = "photoferry.ship"
+PARKED_QUEUE = "photoferry.parked"
+SHIP_ROUTING_KEY = "ship"
+
+# A message redelivered this often without an ack (a shipper crashing on it
+# every time) is dead-lettered to the parking queue instead of looping forever.
+SHIP_DELIVERY_LIMIT = 10
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
+
+
+EXCHANGES = (
+    Exchange(PHOTOS_EXCHANGE, "direct"),
+    Exchange(PARKING_EXCHANGE, "fanout"),
+)
+
+QUEUES = (
+    Queue(
+        SHIP_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": SHIP_DELIVERY_LIMIT,
+            "x-dead-letter-exchange": PARKING_EXCHANGE,
+            # at-least-once dead-lettering needs reject-publish overflow; it keeps
+            # a dead-lettered message until the parking queue has confirmed it.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    ),
+    Queue(PARKED_QUEUE, {"x-queue-type": "quorum"}),
+)
+
+BINDINGS = (
+    Binding(PHOTOS_EXCHANGE, SHIP_QUEUE, SHIP_ROUTING_KEY),
+    Binding(PARKING_EXCHANGE, PARKED_QUEUE, ""),
+)
+
+
+def definitions(vhost: str = "/") -> dict[str, Any]:
+    """Return the topology in RabbitMQ's definitions format (no users: those are per site)."""
+    return {
+        "vhosts": [{"name": vhost}],
+        "exchanges": [
+            {
+                "name": e.name,
+                "vhost": vhost,
+                "type": e.type,
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": e.arguments,
+            }
+            for e in EXCHANGES
+        ],
+        "queues": [
+            {
+                "name": q.name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                "arguments": q.arguments,
+            }
+            for q in QUEUES
+        ],
+        "bindings": [
+            {
+                "source": b.exchange,
+                "vhost": vhost,
+                "destination": b.queue,
+                "destination_type": "queue",
+                "routing_key": b.routing_key,
+                "arguments": {},
+            }
+            for b in BINDINGS
+        ],
+    }
+
+
+@dataclass
+class Declared:
+    """References to what was declared; a robust channel restores only what is referenced."""
+
+    exchanges: dict[str, AbstractExchange]
+    queues: dict[str, AbstractQueue]
+
+
+async def declare(channel: AbstractChannel) -> Declared:
+    """Declare the whole topology on ``channel`` with the arguments above."""
+    exchanges = {
+        e.name: await channel.declare_exchange(
+            e.name, aio_pika.ExchangeType(e.type), durable=True, arguments=e.arguments
+        )
+        for e in EXCHANGES
+    }
+    queues = {
+        q.name: await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+        for q in QUEUES
+    }
+    for b in BINDINGS:
+        await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
+    return Declared(exchanges=exchanges, queues=queues)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(orjson.dumps(definitions(), option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -1,0 +1,1 @@
+"""The gateway: the devices' HTTP ingest API (``POST /v1/photos``)."""

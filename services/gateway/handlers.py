@@ -1,0 +1,302 @@
+"""The gateway's HTTP handlers: the device contract of DESIGN.md.
+
+An upload is answered ``201`` only after the photo is in the local store and the
+broker has confirmed a persistent, routed message asking to ship it. Whatever
+fails before that answers ``503`` with ``Retry-After``; the device keeps the photo
+and retries, and the retry is harmless (same id, same object).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from aiohttp import ClientError, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from services.common import photos, tokens, topology
+from services.common.broker import BrokerUnavailable
+from services.common.config import GatewayConfig
+from services.common.httpserver import log_fields
+from services.common.localstore import StoredObject, StoreUnavailable
+from services.common.problems import Problem, json_response
+from services.gateway import upload
+from services.gateway.keys import BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE
+
+log = logging.getLogger(__name__)
+
+READY_CHECK_TIMEOUT_S = 3.0
+_WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="photoferry"'}
+
+
+async def upload_photo(request: web.Request) -> web.Response:
+    """``POST /v1/photos``: store a photo locally and queue it for shipping."""
+    status = 500
+    try:
+        response = await _upload(request)
+        status = response.status
+        return response
+    except Problem as problem:
+        status = problem.status
+        log_fields(request)["problem"] = problem.detail
+        raise
+    finally:
+        request.app[METRICS].upload_outcome(status)
+
+
+async def _upload(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    budget = request.app[BUDGET]
+    metrics = request.app[METRICS]
+
+    token = _bearer_token(request, config)
+    body_format = upload.body_format(request.headers.get("Content-Type"))
+    limit = upload.body_limit(body_format, config.max_image_bytes)
+    declared_length = request.content_length
+    if declared_length is not None and declared_length > limit:
+        raise Problem(
+            413,
+            f"body of {declared_length} bytes is larger than the {limit} bytes an image of at most "
+            f"{config.max_image_bytes} bytes needs",
+        )
+    reservation = declared_length if declared_length is not None else limit
+    if not budget.try_reserve(reservation):
+        raise Problem(
+            503, "the gateway is at its limit of uploads in flight; retry later", retry_after=1
+        )
+    metrics.in_flight_bytes.inc(reservation)
+    try:
+        body = await _read_body(request, limit)
+        metrics.received_bytes.inc(len(body))
+        fields = upload.decode_body(body_format, body)
+        device_id = upload.parse_device_id(fields)
+        log_fields(request)["device_id"] = device_id
+        _authorize(config, device_id, token)
+        photo = upload.parse_upload(
+            fields,
+            body_format_=body_format,
+            device_id=device_id,
+            max_image_bytes=config.max_image_bytes,
+        )
+        return await _store_and_queue(request, photo)
+    finally:
+        budget.release(reservation)
+        metrics.in_flight_bytes.dec(reservation)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """Read the body, refusing it (413) as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        while chunk := await request.content.readany():
+            received += len(chunk)
+            if received > limit:
+                raise Problem(413, f"body is larger than the {limit} bytes an upload may take")
+            chunks.append(chunk)
+    except (ConnectionError, ClientError, HttpProcessingError, asyncio.IncompleteReadError) as exc:
+        raise Problem(400, f"the body could not be read completely: {exc}") from None
+    return b"".join(chunks)
+
+
+async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Response:
+    config = request.app[CONFIG]
+    store = request.app[STORE]
+    broker = request.app[BROKER]
+    if not broker.is_ready:
+        # Checked before writing, so an outage does not leave objects behind.
+        raise _unavailable(config, f"the message broker is unavailable ({broker.readiness()})")
+
+    photo_id = photos.photo_id(photo.device_id, photo.captured_at, photo.sha256)
+    key = photos.object_key(photo_id)
+    log_fields(request).update(photo_id=photo_id, size=len(photo.image))
+    metadata = {
+        "device-id": photo.device_id,
+        "captured-at": photos.canonical_time(photo.captured_at),
+        "received-at": photos.canonical_time(datetime.now(UTC)),
+        "sha256": photo.sha256,
+    }
+    if photo.labels:
+        metadata["labels"] = upload.encode_labels(photo.labels)
+
+    try:
+        created = await store.create(
+            key, photo.image, content_type=photo.content_type, metadata=metadata
+        )
+        if created:
+            await _queue(request, photo_id, len(photo.image), photo.content_type, metadata)
+            request.app[METRICS].stored_bytes.inc(len(photo.image))
+            body = _description(photo_id, len(photo.image), photo.content_type, metadata, "queued")
+            return json_response(body, status=201, headers={"Location": f"/v1/photos/{photo_id}"})
+
+        # A retry of a photo already stored: answer as for the first attempt.
+        stored = await store.stat(key)
+        shipped = await store.stat(photos.shipped_marker_key(photo_id))
+        if shipped is None:
+            if stored is None:
+                raise _unavailable(config, "the photo changed in the store while it was being stored")
+            # The first attempt may have stopped between storing and queueing; a
+            # second message is harmless (an object is shipped once) and closes that gap.
+            await _queue(request, photo_id, stored.size, stored.content_type, stored.metadata)
+        body = _describe(photo_id, stored, shipped, parked=False)
+        return json_response(body, status=200, headers={"Location": f"/v1/photos/{photo_id}"})
+    except StoreUnavailable as exc:
+        log.warning("local store unavailable", extra={"error": str(exc), "photo_id": photo_id})
+        raise _unavailable(config, "the local store is unavailable") from None
+
+
+async def _queue(
+    request: web.Request, photo_id: str, size: int, content_type: str, metadata: dict[str, str]
+) -> None:
+    config = request.app[CONFIG]
+    shipping = photos.PhotoMessage(
+        id=photo_id,
+        key=photos.object_key(photo_id),
+        size=size,
+        sha256=metadata["sha256"],
+        content_type=content_type,
+        device_id=metadata["device-id"],
+        captured_at=metadata["captured-at"],
+        received_at=metadata["received-at"],
+    )
+    message = aio_pika.Message(
+        shipping.to_json(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=uuid.uuid4().hex,
+        timestamp=datetime.now(UTC),
+        type="photo.stored",
+        app_id="photoferry-gateway",
+        headers={"photo-id": photo_id},
+    )
+    try:
+        await request.app[BROKER].publish(
+            topology.PHOTOS_EXCHANGE,
+            topology.SHIP_ROUTING_KEY,
+            message,
+            timeout=config.publish_timeout,
+        )
+    except BrokerUnavailable as exc:
+        # The object stays in the store: the device's retry queues it again
+        # (answered 200), and the store keeper's reconciler would find it too.
+        log.warning("could not queue a stored photo", extra={"error": str(exc), "photo_id": photo_id})
+        raise _unavailable(config, f"the message broker did not take the photo ({exc})") from None
+
+
+def _describe(
+    photo_id: str, stored: StoredObject | None, shipped: StoredObject | None, *, parked: bool
+) -> dict[str, Any]:
+    """Describe a photo from its object or, once retention removed that, its shipped marker."""
+    state = "shipped" if shipped else "parked" if parked else "queued"
+    if stored is not None:
+        body = _description(photo_id, stored.size, stored.content_type, stored.metadata, state)
+    else:
+        assert shipped is not None, "a photo is described from its object or its shipped marker"
+        size = shipped.metadata.get("size", "")
+        body = _description(
+            photo_id, int(size) if size.isdigit() else None, shipped.content_type, shipped.metadata, state
+        )
+    if shipped is not None:
+        body["shipped_at"] = shipped.metadata.get("shipped-at")
+    return body
+
+
+def _description(
+    photo_id: str, size: int | None, content_type: str, metadata: dict[str, str], state: str
+) -> dict[str, Any]:
+    labels = metadata.get("labels")
+    return {
+        "id": photo_id,
+        "status": state,
+        "device_id": photos.owner_of(photo_id),
+        "captured_at": metadata.get("captured-at"),
+        "received_at": metadata.get("received-at"),
+        "size": size,
+        "sha256": metadata.get("sha256"),
+        "content_type": content_type,
+        "labels": orjson.loads(labels) if labels else {},
+    }
+
+
+async def photo_status(request: web.Request) -> web.Response:
+    """``GET /v1/photos/{id}``: the state of a photo, for the device that owns it."""
+    config = request.app[CONFIG]
+    store = request.app[STORE]
+    token = _bearer_token(request, config)
+    photo_id = request.match_info["photo_id"]
+    if not photos.is_photo_id(photo_id):
+        raise Problem(404, f"{photo_id!r} is not a photo id")
+    _authorize(config, photos.owner_of(photo_id), token)
+    try:
+        stored = await store.stat(photos.object_key(photo_id))
+        shipped = await store.stat(photos.shipped_marker_key(photo_id))
+        parked = shipped is None and await store.exists(photos.parked_marker_key(photo_id))
+    except StoreUnavailable as exc:
+        log.warning("local store unavailable", extra={"error": str(exc), "photo_id": photo_id})
+        raise _unavailable(config, "the local store is unavailable") from None
+    if stored is None and shipped is None:
+        raise Problem(404, f"no photo {photo_id!r} is known here")
+    return json_response(_describe(photo_id, stored, shipped, parked=parked))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is alive (no dependency is consulted)."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: the local store and the broker can be used now."""
+    checks = {"store": "ok", "broker": request.app[BROKER].readiness()}
+    try:
+        await asyncio.wait_for(request.app[STORE].ping(), READY_CHECK_TIMEOUT_S)
+    except StoreUnavailable as exc:
+        checks["store"] = str(exc)
+    except TimeoutError:
+        checks["store"] = f"no answer within {READY_CHECK_TIMEOUT_S:g}s"
+    failing = sorted(name for name, state in checks.items() if state != "ok")
+    if failing:
+        raise Problem(
+            503,
+            f"not ready: {', '.join(failing)} unavailable",
+            retry_after=request.app[CONFIG].retry_after_s,
+            checks=checks,
+        )
+    return json_response({"status": "ready", "checks": checks})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the contract this gateway implements."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+def _bearer_token(request: web.Request, config: GatewayConfig) -> str | None:
+    """Return the device token of a request, or raise 401; None when auth is off."""
+    if config.device_secret is None:
+        return None
+    token = tokens.bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise Problem(
+            401, "a device token is required: Authorization: Bearer <token>", headers=_WWW_AUTHENTICATE
+        )
+    if not tokens.is_well_formed(token):
+        raise Problem(
+            401, "the device token is malformed (a token is 64 hex digits)", headers=_WWW_AUTHENTICATE
+        )
+    return token
+
+
+def _authorize(config: GatewayConfig, device_id: str, token: str | None) -> None:
+    """Raise 403 unless ``token`` is the token of ``device_id``."""
+    if config.device_secret is None:
+        return
+    if token is None or not tokens.token_matches(config.device_secret, device_id, token):
+        raise Problem(403, f"the token does not authorise device {device_id!r}")
+
+
+def _unavailable(config: GatewayConfig, reason: str) -> Problem:
+    return Problem(503, f"{reason}; retry later", retry_after=config.retry_after_s)

@@ -1,0 +1,88 @@
+"""Real servers for the suite: one RabbitMQ node and two S3-protocol servers per session.
+
+Each test module gets a ``Site`` of its own (a vhost and buckets), so modules do
+not see each other's messages or objects.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port, wait_until
+from tests.helpers import DEVICE_SECRET, Site
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def rabbit(servers_dir: Path) -> Iterator[RabbitNode]:
+    node = RabbitNode(servers_dir / "rabbitmq")
+    node.start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def local_s3(servers_dir: Path) -> Iterator[S3Server]:
+    server = S3Server(servers_dir / "local-s3")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_s3(servers_dir: Path) -> Iterator[S3Server]:
+    server = S3Server(servers_dir / "remote-s3")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:30]
+
+
+@pytest.fixture(scope="module")
+def site(request: pytest.FixtureRequest, rabbit: RabbitNode, local_s3: S3Server,
+         remote_s3: S3Server) -> Site:
+    """A fresh vhost and fresh buckets for one test module."""
+    name = f"{_slug(request.module.__name__.rsplit('.', 1)[-1])}-{uuid.uuid4().hex[:6]}"
+    rabbit.add_vhost(name)
+    site = Site(name=name, rabbit=rabbit, amqp_url=rabbit.url_for(name), local=local_s3,
+                remote=remote_s3, store_bucket=f"st-{name}", remote_bucket=f"rm-{name}")
+    site.create_buckets()
+    return site
+
+
+def start_service(name: str, env: dict[str, str], logdir: Path) -> ServiceProcess:
+    """Start one of our services and wait until it answers ``/readyz``."""
+    port = free_port()
+    service = ServiceProcess(name, {**env, f"PHOTOFERRY_{name.upper()}_PORT": str(port)},
+                             port=port, logfile=logdir / f"{name}-{port}.log")
+    service.start()
+
+    def ready() -> bool:
+        service.healthy()
+        return requests.get(f"{service.url}/readyz", timeout=2).status_code == 200
+
+    wait_until(ready, timeout=30, what=f"{name} readiness")
+    return service
+
+
+@pytest.fixture(scope="module")
+def gateway(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    service = start_service("gateway", site.env(), tmp_path_factory.mktemp("logs"))
+    yield service
+    service.stop()
+
+
+__all__ = ["DEVICE_SECRET"]

@@ -1,0 +1,48 @@
+"""Configuration is read once, refuses what is missing or malformed, and names the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.config import ConfigError, GatewayConfig
+
+BASE = {
+    "PHOTOFERRY_AMQP_URL": "amqp://u:p@broker/",
+    "PHOTOFERRY_STORE_ENDPOINT": "http://minio:9000",
+    "PHOTOFERRY_STORE_ACCESS_KEY": "a",
+    "PHOTOFERRY_STORE_SECRET_KEY": "b",
+    "PHOTOFERRY_DEVICE_SECRET": "s3cret",
+}
+
+
+def test_defaults() -> None:
+    config = GatewayConfig.from_env(BASE)
+    assert config.port == 8080
+    assert config.max_image_bytes == 16 * 2**20
+    assert config.store.bucket == "photoferry"
+    assert config.device_secret == "s3cret"
+
+
+def test_gateway_refuses_to_start_without_a_device_secret() -> None:
+    env = {k: v for k, v in BASE.items() if k != "PHOTOFERRY_DEVICE_SECRET"}
+    with pytest.raises(ConfigError, match="PHOTOFERRY_DEVICE_SECRET"):
+        GatewayConfig.from_env(env)
+    assert GatewayConfig.from_env({**env, "PHOTOFERRY_DEVICE_AUTH": "off"}).device_secret is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("PHOTOFERRY_MAX_IMAGE_BYTES", "lots"), ("PHOTOFERRY_GATEWAY_PORT", "70000"),
+     ("PHOTOFERRY_STORE_ENDPOINT", "minio:9000"), ("PHOTOFERRY_GATEWAY_MAX_INFLIGHT", "0"),
+     ("PHOTOFERRY_DEVICE_AUTH", "maybe"), ("PHOTOFERRY_PUBLISH_TIMEOUT", "soon"),
+     ("PHOTOFERRY_LOG_LEVEL", "chatty")],
+)
+def test_malformed_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        GatewayConfig.from_env({**BASE, name: value})
+
+
+@pytest.mark.parametrize("name", ["PHOTOFERRY_AMQP_URL", "PHOTOFERRY_STORE_ENDPOINT", "PHOTOFERRY_STORE_ACCESS_KEY"])
+def test_missing_connection_settings_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        GatewayConfig.from_env({k: v for k, v in BASE.items() if k != name})
