@@ -216,7 +216,7 @@ class RabbitNode:
 
 
 class S3Server:
-    """An S3-protocol server: MinIO when ``minio`` is on PATH, else moto's server (in memory)."""
+    """An S3-protocol server: MinIO when ``minio`` is on PATH, else moto's (in memory, kept alive)."""
 
     def __init__(self, workdir: Path, *, port: int | None = None,
                  access_key: str = "photoferry", secret_key: str = "photoferry-secret") -> None:
@@ -240,9 +240,9 @@ class S3Server:
             env = {**os.environ, "MINIO_ROOT_USER": self.access_key,
                    "MINIO_ROOT_PASSWORD": self.secret_key}
         else:
-            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            command = [sys.executable, "-m", "devtools.moto_keepalive", "--port", str(self.port)]
             env = dict(os.environ)
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         log.close()
 

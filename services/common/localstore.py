@@ -130,17 +130,19 @@ class LocalStore:
             return None
         except _FAILURES as exc:
             raise self._unavailable("read", key, exc) from None
-        attributes = dict(result.attributes)
-        content_type = str(attributes.pop("Content-Type", "application/octet-stream"))
-        for standard in ("Content-Disposition", "Content-Encoding", "Content-Language",
-                         "Cache-Control", "Storage-Class"):
+        attributes = {str(k).lower(): str(v) for k, v in result.attributes.items()}
+        content_type = attributes.pop("content-type", "application/octet-stream")
+        for standard in ("content-disposition", "content-encoding", "content-language",
+                         "cache-control", "storage-class"):
             attributes.pop(standard, None)
         return StoredObject(
             key=key,
             size=result.meta["size"],
             last_modified=result.meta["last_modified"],
             content_type=content_type,
-            metadata={k: str(v) for k, v in attributes.items()},
+            # Header names are case-insensitive and stores spell them differently
+            # (MinIO canonicalises them): metadata keys are always lower case here.
+            metadata=attributes,
         )
 
     async def exists(self, key: str) -> bool:

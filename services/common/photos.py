@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,7 +93,7 @@ class PhotoMessage:
     v: int = MESSAGE_VERSION
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serialises dataclasses natively (and fast)
 
     @classmethod
     def from_json(cls, body: bytes) -> PhotoMessage:

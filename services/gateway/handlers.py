@@ -164,15 +164,14 @@ async def _queue(
         captured_at=metadata["captured-at"],
         received_at=metadata["received-at"],
     )
+    # Few properties: each is marshalled in Python on the upload's path. The body
+    # says what the photo is; the message id makes each publish distinguishable.
     message = aio_pika.Message(
         shipping.to_json(),
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=uuid.uuid4().hex,
         timestamp=datetime.now(UTC),
-        type="photo.stored",
-        app_id="photoferry-gateway",
-        headers={"photo-id": photo_id},
     )
     try:
         await request.app[BROKER].publish(
