@@ -17,7 +17,11 @@ import requests
 from botocore.client import BaseClient
 
 from devtools.servers import RabbitNode, S3Server
+from services.common.broker import Broker
+from services.common.config import StoreSettings
+from services.common.localstore import LocalStore
 from services.common.s3 import ensure_bucket, s3_client
+from services.common.shipping import ShippingControl, write_control
 from services.common.tokens import device_token
 
 DEVICE_SECRET = "test-device-secret-6d1f0c2a"
@@ -187,3 +191,43 @@ def metric_value(url: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in series for k, v in labels.items()):
             return float(value)
     return 0.0
+
+
+def store_settings(site: Site) -> StoreSettings:
+    return StoreSettings(endpoint=site.local.endpoint, access_key=site.local.access_key,
+                         secret_key=site.local.secret_key, bucket=site.store_bucket, region="us-east-1",
+                         timeout=10)
+
+
+def set_control(site: Site, control: ShippingControl) -> None:
+    """Change the operator's shipping settings as the store keeper does (store, then broadcast)."""
+
+    async def change() -> None:
+        broker = Broker(site.amqp_url, name="test-control")
+        broker.start()
+        try:
+            await asyncio.wait_for(broker.connected(), 20)
+            await write_control(LocalStore(store_settings(site)), broker, control)
+        finally:
+            await broker.close()
+
+    asyncio.run(change())
+
+
+def remote_keys(site: Site, prefix: str = "site-test/") -> list[str]:
+    client = site.remote_client()
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=site.remote_bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return keys
+
+
+def upload_many(url: str, count: int, *, device: str, size: int | list[int] = 50_000) -> dict[str, str]:
+    """Upload ``count`` photos through the gateway; return {photo id: sha256}."""
+    sizes = size if isinstance(size, list) else [size] * count
+    uploaded: dict[str, str] = {}
+    for i in range(count):
+        response = upload(url, photo(device, jpeg(sizes[i % len(sizes)])))
+        assert response.status_code == 201, response.text
+        uploaded[response.json()["id"]] = response.json()["sha256"]
+    return uploaded

@@ -48,7 +48,8 @@ class Broker:
     ) -> None:
         self._url = url
         self._name = name
-        self._on_ready = on_ready
+        # Called once, after the first connection and declaration (e.g. to start consumers).
+        self.on_ready = on_ready
         self.connection: AbstractRobustConnection | None = None
         self.channel: AbstractRobustChannel | None = None
         self.declared: topology.Declared | None = None
@@ -87,10 +88,14 @@ class Broker:
             except CONNECTION_EXCEPTIONS as exc:
                 log.warning("could not declare the topology yet", extra={"error": str(exc)})
             await asyncio.sleep(DECLARE_RETRY_S)
-        if self._on_ready is not None:
-            await self._on_ready(self)
+        if self.on_ready is not None:
+            await self.on_ready(self)
         self._started.set()
         log.info("broker connected and topology declared", extra={"connection": self._name})
+
+    async def connected(self) -> None:
+        """Wait for the first connection and declaration (callers bound it with a timeout)."""
+        await self._started.wait()
 
     @property
     def is_ready(self) -> bool:
@@ -111,14 +116,24 @@ class Broker:
         return "ok"
 
     async def publish(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, *, timeout: float
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        *,
+        timeout: float,
+        mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise."""
+        """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise.
+
+        ``mandatory=False`` is for notices nobody may be listening to (heartbeats,
+        control nudges): an unroutable one is then dropped, not an error.
+        """
         if not self.is_ready or self.declared is None:
             raise BrokerUnavailable(f"broker {self.readiness()}")
         try:
             await self.declared.exchanges[exchange].publish(
-                message, routing_key, mandatory=True, timeout=timeout
+                message, routing_key, mandatory=mandatory, timeout=timeout
             )
         except TimeoutError:
             raise BrokerUnavailable(f"no publisher confirm within {timeout:g}s") from None

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from services.common.units import parse_duration, parse_size
+from services.common.schedule import RateSchedule
+from services.common.units import parse_duration, parse_rate, parse_size
 
 T = TypeVar("T")
 
@@ -167,6 +169,90 @@ class GatewayConfig:
             ),
             publish_timeout=parsed(env, "PHOTOFERRY_PUBLISH_TIMEOUT", parse_duration, "5s"),
             retry_after_s=positive_int(env, "PHOTOFERRY_RETRY_AFTER", 5),
+            shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
+            logging=LogSettings.from_env(env),
+            tracing=TracingSettings.from_env(env),
+        )
+
+
+def site_zone(env: Env) -> ZoneInfo:
+    name = optional(env, "PHOTOFERRY_TIMEZONE", "UTC")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"PHOTOFERRY_TIMEZONE: {name!r} is not an IANA time zone (e.g. Europe/Berlin)") from None
+
+
+def rate_schedule(env: Env) -> RateSchedule:
+    """The flat cap (PHOTOFERRY_SHIP_RATE) with the time-of-day caps (PHOTOFERRY_SHIP_SCHEDULE)."""
+    flat = parsed(env, "PHOTOFERRY_SHIP_RATE", parse_rate, "40Mbit")
+    text = optional(env, "PHOTOFERRY_SHIP_SCHEDULE", "")
+    try:
+        return RateSchedule.parse(text, default=flat, zone=site_zone(env))
+    except ValueError as exc:
+        raise ConfigError(f"PHOTOFERRY_SHIP_SCHEDULE: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """The remote S3; credentials and region come from boto3's standard AWS_* chain."""
+
+    endpoint: str | None  # None means AWS
+    bucket: str
+    prefix: str
+    timeout: float
+
+    @classmethod
+    def from_env(cls, env: Env) -> RemoteSettings:
+        endpoint = env.get("PHOTOFERRY_S3_ENDPOINT", "").strip() or None
+        if endpoint is not None:
+            endpoint = endpoint_url(env, "PHOTOFERRY_S3_ENDPOINT")
+        prefix = optional(env, "PHOTOFERRY_S3_PREFIX", "")
+        if prefix.startswith("/"):
+            raise ConfigError("PHOTOFERRY_S3_PREFIX: an S3 key prefix does not start with '/'")
+        return cls(
+            endpoint=endpoint,
+            bucket=required(env, "PHOTOFERRY_S3_BUCKET"),
+            prefix=prefix,
+            timeout=parsed(env, "PHOTOFERRY_S3_TIMEOUT", parse_duration, "30s"),
+        )
+
+
+@dataclass(frozen=True)
+class ShipperConfig:
+    port: int
+    amqp_url: str
+    store: StoreSettings
+    remote: RemoteSettings
+    schedule: RateSchedule
+    max_concurrency: int  # the prefetch limit: uploads in flight per replica
+    multipart_threshold: int
+    part_size: int
+    max_attempts: int
+    max_image_bytes: int
+    consumer_timeout: float
+    shutdown_timeout: float
+    logging: LogSettings
+    tracing: TracingSettings
+
+    @classmethod
+    def from_env(cls, env: Env) -> ShipperConfig:
+        part_size = parsed(env, "PHOTOFERRY_SHIP_PART_SIZE", parse_size, "8MiB")
+        if part_size < 5 * 2**20:
+            raise ConfigError("PHOTOFERRY_SHIP_PART_SIZE: S3 parts are at least 5MiB")
+        return cls(
+            port=port(env, "PHOTOFERRY_SHIPPER_PORT", 8082),
+            amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
+            store=StoreSettings.from_env(env),
+            remote=RemoteSettings.from_env(env),
+            schedule=rate_schedule(env),
+            max_concurrency=positive_int(env, "PHOTOFERRY_SHIP_PREFETCH", 8),
+            multipart_threshold=parsed(env, "PHOTOFERRY_SHIP_MULTIPART_THRESHOLD", parse_size, "8MiB"),
+            part_size=part_size,
+            max_attempts=positive_int(env, "PHOTOFERRY_SHIP_MAX_ATTEMPTS", 8),
+            max_image_bytes=parsed(env, "PHOTOFERRY_MAX_IMAGE_BYTES", parse_size, "16MiB"),
+            # Must match the broker's consumer_timeout (rabbitmq/rabbitmq.conf).
+            consumer_timeout=parsed(env, "PHOTOFERRY_CONSUMER_TIMEOUT", parse_duration, "30m"),
             shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
             logging=LogSettings.from_env(env),
             tracing=TracingSettings.from_env(env),

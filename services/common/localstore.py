@@ -154,6 +154,16 @@ class LocalStore:
             raise self._unavailable("read", key, exc) from None
         return True
 
+    async def read(self, key: str) -> bytes | None:
+        """Return a (small) object's bytes, or None when it does not exist."""
+        try:
+            result = await obstore.get_async(self._store, key)
+            return bytes(await result.bytes_async())
+        except FileNotFoundError:
+            return None
+        except _FAILURES as exc:
+            raise self._unavailable("read", key, exc) from None
+
     async def delete(self, key: str) -> None:
         try:
             await obstore.delete_async(self._store, key)

@@ -27,9 +27,17 @@ def s3_client(
     connect_timeout: float = 5.0,
     read_timeout: float = 60.0,
     max_attempts: int = 3,
+    sign_payload: bool = True,
 ) -> BaseClient:
-    """Return an S3 client; without an endpoint it talks to AWS with the standard credential chain."""
+    """Return an S3 client; without an endpoint it talks to AWS with the standard credential chain.
+
+    ``sign_payload=False`` sends UNSIGNED-PAYLOAD even over plain HTTP, so a streamed
+    body is read once, as it is sent (integrity then rests on the checksum header).
+    """
     custom = bool(endpoint)
+    s3_options: dict[str, object] = {"addressing_style": "path"} if custom else {}
+    if not sign_payload:
+        s3_options["payload_signing_enabled"] = False
     config = Config(
         region_name=region,
         connect_timeout=connect_timeout,
@@ -38,7 +46,7 @@ def s3_client(
         retries={"mode": "standard", "max_attempts": max_attempts},
         request_checksum_calculation="when_required" if custom else "when_supported",
         response_checksum_validation="when_required" if custom else "when_supported",
-        s3={"addressing_style": "path"} if custom else None,
+        s3=s3_options or None,
     )
     return boto3.session.Session().client(
         "s3",

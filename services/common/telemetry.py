@@ -13,6 +13,7 @@ import logging
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.instrumentation.aio_pika import AioPikaInstrumentor
+from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def setup_tracing(service_name: str, settings: TracingSettings) -> TracerProvider | None:
-    """Install a tracer provider and instrument aio-pika; return the provider to shut down."""
+    """Install a tracer provider, instrument aio-pika and botocore; return the provider to shut down."""
     if settings.disabled:
         return None
     resource = Resource.create()
@@ -36,6 +37,7 @@ def setup_tracing(service_name: str, settings: TracingSettings) -> TracerProvide
         log.info("exporting traces over OTLP")
     trace.set_tracer_provider(provider)
     AioPikaInstrumentor().instrument()
+    BotocoreInstrumentor().instrument()
     return provider
 
 

@@ -22,9 +22,23 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 PHOTOS_EXCHANGE = "photoferry.photos"
 PARKING_EXCHANGE = "photoferry.parking"
+RETRY_EXCHANGE = "photoferry.retry"
+# Operator controls (rate, pause) and shipper heartbeats reach every replica
+# through these; each consumer binds a temporary queue of its own.
+CONTROL_EXCHANGE = "photoferry.control"
+STATUS_EXCHANGE = "photoferry.status"
 SHIP_QUEUE = "photoferry.ship"
 PARKED_QUEUE = "photoferry.parked"
 SHIP_ROUTING_KEY = "ship"
+
+# A failed shipment waits in one of these queues (its TTL) and then returns to the
+# shipping queue: the shipper never sleeps on a message it holds. The n-th retry
+# of a photo waits RETRY_DELAYS_S[min(n, len) - 1] seconds.
+RETRY_DELAYS_S = (5, 30, 120, 600, 1800)
+
+
+def retry_queue(delay_s: int) -> str:
+    return f"photoferry.retry.{delay_s}s"
 
 # A message redelivered this often without an ack (a shipper crashing on it
 # every time) is dead-lettered to the parking queue instead of looping forever.
@@ -54,6 +68,9 @@ class Binding:
 EXCHANGES = (
     Exchange(PHOTOS_EXCHANGE, "direct"),
     Exchange(PARKING_EXCHANGE, "fanout"),
+    Exchange(RETRY_EXCHANGE, "direct"),
+    Exchange(CONTROL_EXCHANGE, "fanout"),
+    Exchange(STATUS_EXCHANGE, "fanout"),
 )
 
 QUEUES = (
@@ -70,11 +87,24 @@ QUEUES = (
         },
     ),
     Queue(PARKED_QUEUE, {"x-queue-type": "quorum"}),
+    *(
+        Queue(
+            retry_queue(delay),
+            {
+                "x-queue-type": "classic",
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": PHOTOS_EXCHANGE,
+                "x-dead-letter-routing-key": SHIP_ROUTING_KEY,
+            },
+        )
+        for delay in RETRY_DELAYS_S
+    ),
 )
 
 BINDINGS = (
     Binding(PHOTOS_EXCHANGE, SHIP_QUEUE, SHIP_ROUTING_KEY),
     Binding(PARKING_EXCHANGE, PARKED_QUEUE, ""),
+    *(Binding(RETRY_EXCHANGE, retry_queue(delay), retry_queue(delay)) for delay in RETRY_DELAYS_S),
 )
 
 

@@ -1,0 +1,103 @@
+"""Parked photos: shipments that cannot succeed by retrying, kept for an operator.
+
+Parking writes a marker object (``parked/...``, a small JSON with the reason) and
+puts the shipping message on the parking queue. Operators list the markers and
+replay the queue: each parked message goes back to the shipping queue and its
+marker is removed. Messages the broker dead-letters itself (past the delivery
+limit) arrive on the parking queue without a marker; replay takes them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import aio_pika
+import orjson
+
+from services.common import photos, topology
+from services.common.broker import Broker, BrokerUnavailable
+from services.common.localstore import LocalStore
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "x-photoferry-park-reason"
+ATTEMPT_HEADER = "x-photoferry-attempt"
+LAST_ERROR_HEADER = "x-photoferry-last-error"
+PUBLISH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ParkedPhoto:
+    id: str
+    reason: str
+    parked_at: str
+    attempts: int
+
+
+async def park(
+    broker: Broker, store: LocalStore, body: bytes, *, photo_id: str | None, reason: str, attempts: int
+) -> None:
+    """Record why a photo is parked and move its message to the parking queue."""
+    parked = ParkedPhoto(id=photo_id or "", reason=reason, parked_at=datetime.now(UTC).isoformat(),
+                         attempts=attempts)
+    if photo_id is not None:
+        await store.put(photos.parked_marker_key(photo_id), orjson.dumps(asdict(parked)),
+                        metadata={"Content-Type": "application/json"})
+    message = aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={REASON_HEADER: reason[:500], ATTEMPT_HEADER: attempts},
+    )
+    await broker.publish(topology.PARKING_EXCHANGE, "", message, timeout=PUBLISH_TIMEOUT_S)
+    log.warning("photo parked", extra={"photo_id": photo_id, "reason": reason, "attempts": attempts})
+
+
+async def list_parked(store: LocalStore, *, limit: int = 1000) -> list[ParkedPhoto]:
+    """The parked photos an operator should look at, oldest capture first."""
+    found: list[ParkedPhoto] = []
+    async for page in store.list(photos.PARKED_PREFIX):
+        for item in page:
+            body = await store.read(item["path"])
+            if body is None:
+                continue  # replayed meanwhile
+            try:
+                found.append(ParkedPhoto(**orjson.loads(body)))
+            except (ValueError, TypeError) as exc:
+                log.error("unreadable parked marker", extra={"key": item["path"], "error": str(exc)})
+            if len(found) >= limit:
+                return found
+    return found
+
+
+async def replay(broker: Broker, store: LocalStore) -> int:
+    """Send every parked message back to the shipping queue; return how many."""
+    if broker.declared is None or not broker.is_ready:
+        raise BrokerUnavailable(f"broker {broker.readiness()}")
+    queue = broker.declared.queues[topology.PARKED_QUEUE]
+    replayed = 0
+    while (message := await queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)) is not None:
+        headers = {k: v for k, v in (message.headers or {}).items()
+                   if k not in (REASON_HEADER, ATTEMPT_HEADER, LAST_ERROR_HEADER) and not k.startswith("x-death")
+                   and k not in ("x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                                 "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")}
+        fresh = aio_pika.Message(message.body, content_type="application/json",
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers)
+        try:
+            await broker.publish(topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY, fresh,
+                                 timeout=PUBLISH_TIMEOUT_S)
+        except BrokerUnavailable:
+            await message.nack(requeue=True)
+            raise
+        try:
+            photo_id = photos.PhotoMessage.from_json(message.body).id
+        except ValueError:
+            photo_id = None
+        if photo_id is not None:
+            await store.delete(photos.parked_marker_key(photo_id))
+        await message.ack()
+        replayed += 1
+    log.info("parked photos replayed", extra={"count": replayed})
+    return replayed

@@ -1,0 +1,107 @@
+"""Time-of-day egress caps (``PHOTOFERRY_SHIP_SCHEDULE``) in the site's time zone.
+
+    PHOTOFERRY_SHIP_SCHEDULE="22:00-06:00=120Mbit, 12:00-13:00=off"
+
+Each entry is a local-time range ``HH:MM-HH:MM`` (it may wrap midnight; ``24:00``
+ends a day) and a rate in the units of ``PHOTOFERRY_SHIP_RATE``, or ``off`` to
+send nothing then. Times outside every range use the flat ``PHOTOFERRY_SHIP_RATE``.
+Ranges may not overlap. Time zone changes (DST) follow the site's zone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from services.common.units import parse_rate
+
+_ENTRY = re.compile(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*=\s*(\S+)\s*")
+MINUTES_PER_DAY = 24 * 60
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # minutes after local midnight, 0..1439
+    end: int  # exclusive, 1..1440; below start when the window wraps midnight
+    rate: float  # bytes per second; 0 means off
+
+    def covers(self, minute: float) -> bool:
+        if self.start < self.end:
+            return self.start <= minute < self.end
+        return minute >= self.start or minute < self.end
+
+
+@dataclass(frozen=True)
+class RateSchedule:
+    default: float
+    windows: tuple[Window, ...]
+    zone: ZoneInfo
+
+    @classmethod
+    def parse(cls, text: str, *, default: float, zone: ZoneInfo) -> RateSchedule:
+        """Parse a schedule; raise ValueError naming the entry that is wrong."""
+        windows: list[Window] = []
+        for raw in filter(str.strip, re.split(r"[,;]", text)):
+            match = _ENTRY.fullmatch(raw)
+            if not match:
+                raise ValueError(f"{raw.strip()!r} is not HH:MM-HH:MM=RATE (or =off)")
+            h1, m1, h2, m2, rate_text = match.groups()
+            start, end = _minutes(int(h1), int(m1), raw), _minutes(int(h2), int(m2), raw)
+            if start == MINUTES_PER_DAY:
+                raise ValueError(f"{raw.strip()!r} starts at 24:00; start at 00:00")
+            if start == end:
+                raise ValueError(f"{raw.strip()!r} is an empty range")
+            rate = 0.0 if rate_text.lower() == "off" else parse_rate(rate_text)
+            window = Window(start, end, rate)
+            for other in windows:
+                if _overlap(window, other):
+                    raise ValueError(f"{raw.strip()!r} overlaps another range")
+            windows.append(window)
+        return cls(default=default, windows=tuple(windows), zone=zone)
+
+    def rate_at(self, moment: datetime) -> float:
+        """The cap in force at an (aware) moment, in bytes per second."""
+        local = moment.astimezone(self.zone)
+        minute = local.hour * 60 + local.minute + local.second / 60
+        for window in self.windows:
+            if window.covers(minute):
+                return window.rate
+        return self.default
+
+    def segments(self, start: datetime, horizon: timedelta) -> Iterator[tuple[datetime, datetime, float]]:
+        """Yield (from, to, rate) pieces of constant cap covering [start, start + horizon)."""
+        end = start + horizon
+        boundaries = sorted({b for b in self._boundaries(start, end) if start < b < end})
+        edges = [start, *boundaries, end]
+        for left, right in itertools.pairwise(edges):
+            yield left, right, self.rate_at(left)
+
+    def _boundaries(self, start: datetime, end: datetime) -> Iterator[datetime]:
+        day = start.astimezone(self.zone).date() - timedelta(days=1)
+        last = end.astimezone(self.zone).date() + timedelta(days=1)
+        while day <= last:
+            for window in self.windows:
+                for minute in (window.start, window.end):
+                    # Wall-clock arithmetic on an aware local time: 24:00 is the next midnight.
+                    local = datetime.combine(day, time(0), self.zone) + timedelta(minutes=minute)
+                    yield local.astimezone(UTC)
+            day += timedelta(days=1)
+
+
+def _minutes(hour: int, minute: int, raw: str) -> int:
+    if not (0 <= hour <= 24 and 0 <= minute < 60) or (hour == 24 and minute):
+        raise ValueError(f"{raw.strip()!r} has a time outside 00:00..24:00")
+    return hour * 60 + minute
+
+
+def _overlap(a: Window, b: Window) -> bool:
+    def minutes(w: Window) -> set[int]:
+        if w.start < w.end:
+            return set(range(w.start, w.end))
+        return set(range(w.start, MINUTES_PER_DAY)) | set(range(0, w.end))
+
+    return bool(minutes(a) & minutes(b))

@@ -1,0 +1,123 @@
+"""Shipping control and shipper heartbeats: what operators set, and what shippers report.
+
+The operator's settings (a rate override, a pause and its end) are one JSON
+object in the local store: the source of truth a shipper reads at start and
+every few seconds. A message on the control exchange tells every replica to read
+it at once. Each shipper publishes a heartbeat on the status exchange; the store
+keeper adds them up for operators.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+
+from services.common import topology
+from services.common.broker import Broker, BrokerUnavailable
+from services.common.localstore import LocalStore
+from services.common.schedule import RateSchedule
+
+log = logging.getLogger(__name__)
+
+CONTROL_KEY = "state/shipping-control.json"
+# Shippers hear each other's heartbeats to split the cap among the busy ones, so
+# they come often; a replica not heard from for PEER_TTL_S is gone.
+HEARTBEAT_EVERY_S = 1.0
+PEER_TTL_S = 4.0
+
+
+@dataclass(frozen=True)
+class ShippingControl:
+    rate_override: float | None = None  # bytes per second, replacing the schedule
+    paused: bool = False
+    paused_until: str | None = None  # RFC 3339; None pauses until resumed
+    updated_at: str | None = None
+
+    def is_paused(self, now: datetime) -> bool:
+        if not self.paused:
+            return False
+        return self.paused_until is None or now < datetime.fromisoformat(self.paused_until)
+
+    def cap(self, schedule: RateSchedule, now: datetime) -> float:
+        """The site-wide cap in force, in bytes per second (0 while paused or scheduled off)."""
+        if self.is_paused(now):
+            return 0.0
+        if self.rate_override is not None:
+            return self.rate_override
+        return schedule.rate_at(now)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, body: bytes) -> ShippingControl:
+        data = orjson.loads(body)
+        return cls(
+            rate_override=float(data["rate_override"]) if data.get("rate_override") is not None else None,
+            paused=bool(data.get("paused", False)),
+            paused_until=data.get("paused_until"),
+            updated_at=data.get("updated_at"),
+        )
+
+
+async def read_control(store: LocalStore) -> ShippingControl:
+    """The operator's current settings (defaults when none were ever set)."""
+    body = await store.read(CONTROL_KEY)
+    if body is None:
+        return ShippingControl()
+    try:
+        return ShippingControl.from_json(body)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("shipping control object is unreadable; using defaults", extra={"error": str(exc)})
+        return ShippingControl()
+
+
+async def write_control(store: LocalStore, broker: Broker, control: ShippingControl) -> ShippingControl:
+    """Store new settings and tell every shipper to apply them now."""
+    stamped = ShippingControl(
+        rate_override=control.rate_override,
+        paused=control.paused,
+        paused_until=control.paused_until,
+        updated_at=datetime.now(UTC).isoformat(),
+    )
+    await store.put(CONTROL_KEY, stamped.to_json(), metadata={"Content-Type": "application/json"})
+    try:
+        await broker.publish(
+            topology.CONTROL_EXCHANGE, "", aio_pika.Message(b"reload", expiration=60), timeout=5,
+            mandatory=False,
+        )
+    except BrokerUnavailable as exc:
+        # Shippers also re-read the object every few seconds; the nudge only saves time.
+        log.warning("control change stored but not broadcast", extra={"error": str(exc)})
+    return stamped
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One shipper replica's state, as it reports it every few seconds."""
+
+    replica: str
+    state: str  # running, paused, breaker_open, starting, stopping
+    busy: bool  # has photos to send: counts when the cap is split
+    cap_bytes_per_s: float  # site-wide cap in force
+    share_bytes_per_s: float  # this replica's part of it
+    egress_bytes_per_s: float  # achieved, recent
+    sent_bytes_total: int
+    shipped_objects_total: int
+    concurrency: int
+    link_limited: bool
+    breaker_reason: str | None = None
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Heartbeat:
+        data: dict[str, Any] = orjson.loads(body)
+        return cls(**data)

@@ -1,0 +1,3 @@
+from services.shipper.app import main
+
+main()

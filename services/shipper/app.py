@@ -1,0 +1,110 @@
+"""Build and run the shipper: the shipping loop, plus health, readiness, metrics and status over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.common.broker import Broker
+from services.common.config import ConfigError, ShipperConfig
+from services.common.httpserver import SERVER_STATE, ServerState, metrics_handler, request_middleware, run
+from services.common.localstore import LocalStore, StoreUnavailable
+from services.common.logs import setup_logging
+from services.common.problems import Problem, json_response, problem_middleware
+from services.common.s3 import s3_client
+from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.shipper.consumer import Shipper
+from services.shipper.limiter import RateLimiter
+from services.shipper.metrics import ShipperMetrics
+from services.shipper.transfer import Transfer
+
+SHIPPER = web.AppKey("shipper", Shipper)
+READY_CHECK_TIMEOUT_S = 3.0
+
+
+def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
+    store = config.store
+    local = s3_client(store.endpoint, access_key=store.access_key, secret_key=store.secret_key,
+                      region=store.region, max_pool_connections=config.max_concurrency + 2,
+                      connect_timeout=min(2.0, store.timeout), read_timeout=store.timeout)
+    # No botocore retries: a failed shipment goes back through the broker instead,
+    # and a streamed body cannot be sent twice.
+    remote = s3_client(config.remote.endpoint, max_pool_connections=config.max_concurrency + 2,
+                       connect_timeout=5.0, read_timeout=config.remote.timeout, max_attempts=1,
+                       sign_payload=False)
+    limiter = RateLimiter(config.schedule.default)
+    transfer = Transfer(local=local, local_bucket=store.bucket, remote=remote,
+                        remote_bucket=config.remote.bucket, prefix=config.remote.prefix, limiter=limiter,
+                        multipart_threshold=config.multipart_threshold, part_size=config.part_size)
+    replica = f"{socket.gethostname()}-{os.getpid()}"
+    broker = Broker(config.amqp_url, name=f"photoferry-shipper@{replica}")
+    shipper = Shipper(config, broker=broker, store=LocalStore(store), transfer=transfer, metrics=metrics,
+                      replica=replica)
+    broker.on_ready = shipper.on_broker_ready
+    return shipper
+
+
+def create_app(config: ShipperConfig) -> web.Application:
+    metrics = ShipperMetrics()
+    server_state = ServerState()
+    app = web.Application(middlewares=[request_middleware(metrics.http, server_state), problem_middleware])
+    app[SERVER_STATE] = server_state
+    app[SHIPPER] = build_shipper(config, metrics)
+    app.cleanup_ctx.append(_shipping)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics_handler(metrics.registry))
+    return app
+
+
+async def _shipping(app: web.Application) -> AsyncIterator[None]:
+    shipper = app[SHIPPER]
+    shipper.broker.start()
+    shipper.start()
+    yield
+    await shipper.stop()
+    await shipper.broker.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """The broker and the local store can be used now (an open breaker is reported, not failed)."""
+    shipper = request.app[SHIPPER]
+    checks = {"broker": shipper.broker.readiness(), "store": "ok"}
+    try:
+        await asyncio.wait_for(shipper.store.ping(), READY_CHECK_TIMEOUT_S)
+    except StoreUnavailable as exc:
+        checks["store"] = str(exc)
+    except TimeoutError:
+        checks["store"] = f"no answer within {READY_CHECK_TIMEOUT_S:g}s"
+    failing = sorted(name for name, state in checks.items() if state != "ok")
+    if failing:
+        raise Problem(503, f"not ready: {', '.join(failing)} unavailable", retry_after=5, checks=checks)
+    return json_response({"status": "ready", "checks": checks, "shipping": shipper.state()})
+
+
+async def status(request: web.Request) -> web.Response:
+    """This replica's shipping state: cap, share, egress, concurrency, breaker."""
+    return web.Response(body=request.app[SHIPPER].heartbeat().to_json(), content_type="application/json")
+
+
+def main() -> None:
+    try:
+        config = ShipperConfig.from_env(os.environ)
+    except ConfigError as exc:
+        sys.exit(f"photoferry shipper: configuration error: {exc}")
+    setup_logging(config.logging)
+    tracer_provider = setup_tracing("photoferry-shipper", config.tracing)
+    try:
+        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout)
+    finally:
+        shutdown_tracing(tracer_provider)
