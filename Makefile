@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test lint bench bench-gateway definitions lock clean
+.PHONY: up test lint bench bench-gateway bench-shipper definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -33,7 +33,13 @@ bench-gateway: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.gateway_cpu
 
-bench: bench-gateway
+## bench-shipper: egress cap accuracy and utilisation on the wire, against rclone --bwlimit
+bench-shipper: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	./devtools/system-deps.sh rclone
+	$(BIN)/python -m bench.shipper_cap
+
+bench: bench-gateway bench-shipper
 
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)

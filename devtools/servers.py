@@ -288,7 +288,8 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, *, wait: bool = True, timeout: float = 30.0) -> None:
+    def start(self, *, wait: str = "ready", timeout: float = 30.0) -> None:
+        """Start the service; wait until it is ``ready`` (/readyz), ``alive`` (/healthz), or not at all."""
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as log:
             self.process = subprocess.Popen(
@@ -296,13 +297,23 @@ class ServiceProcess:
                 env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        if wait:
+        if wait in ("alive", "ready"):
             wait_until(self.healthy, timeout=timeout, what=f"{self.name} on port {self.port}")
+        if wait == "ready":
+            wait_until(self.ready, timeout=timeout, what=f"{self.name} readiness")
 
     def healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
         urllib.request.urlopen(f"{self.url}/healthz", timeout=2).close()
+        return True
+
+    def ready(self) -> bool:
+        self.healthy()
+        try:
+            urllib.request.urlopen(f"{self.url}/readyz", timeout=2).close()
+        except urllib.error.HTTPError:
+            return False
         return True
 
     def log_tail(self, chars: int = 3000) -> str:

@@ -2,6 +2,7 @@
 # Make sure the system packages the project needs are present.
 #   system-deps.sh python     Python >= 3.11 with venv support
 #   system-deps.sh rabbitmq   the rabbitmq-server package (a private node is started from it)
+#   system-deps.sh rclone     rclone, the baseline of the shipper benchmark
 # Missing packages are installed with apt-get when running as root; otherwise the
 # script says what to install and fails.
 set -euo pipefail
@@ -51,8 +52,11 @@ case "${1:-}" in
       apt_install rabbitmq-server
     fi
     ;;
+  rclone)
+    command -v rclone >/dev/null || apt_install rclone
+    ;;
   *)
-    echo "usage: $0 python|rabbitmq" >&2
+    echo "usage: $0 python|rabbitmq|rclone" >&2
     exit 2
     ;;
 esac

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
-from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port, wait_until
+from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port
 from tests.helpers import DEVICE_SECRET, Site
 
 
@@ -64,25 +63,25 @@ def site(request: pytest.FixtureRequest, rabbit: RabbitNode, local_s3: S3Server,
 
 
 def start_service(name: str, env: dict[str, str], logdir: Path) -> ServiceProcess:
-    """Start one of our services and wait until it answers ``/readyz``."""
+    """Start one of our services on a free port and wait until it answers ``/readyz``."""
     port = free_port()
     service = ServiceProcess(name, {**env, f"PHOTOFERRY_{name.upper()}_PORT": str(port)},
                              port=port, logfile=logdir / f"{name}-{port}.log")
     service.start()
-
-    def ready() -> bool:
-        service.healthy()
-        return requests.get(f"{service.url}/readyz", timeout=2).status_code == 200
-
-    wait_until(ready, timeout=30, what=f"{name} readiness")
     return service
+
+
+def stop_cleanly(service: ServiceProcess) -> None:
+    """Stop a service with SIGTERM and insist that it exits by itself, with status 0."""
+    status = service.stop()
+    assert status == 0, f"{service.name} exited with {status} on SIGTERM:\n{service.log_tail()}"
 
 
 @pytest.fixture(scope="module")
 def gateway(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     service = start_service("gateway", site.env(), tmp_path_factory.mktemp("logs"))
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 __all__ = ["DEVICE_SECRET"]

@@ -11,7 +11,7 @@ import requests
 
 from devtools.servers import ServiceProcess, wait_until
 from services.common import photos
-from tests.conftest import start_service
+from tests.conftest import start_service, stop_cleanly
 from tests.helpers import (
     FORMATS,
     Site,
@@ -36,7 +36,7 @@ def gateway(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
     env = site.env(PHOTOFERRY_MAX_IMAGE_BYTES="64KiB", PHOTOFERRY_GATEWAY_MAX_INFLIGHT="2")
     service = start_service("gateway", env, tmp_path_factory.mktemp("logs"))
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 def _head(port: int, length: int | None, *, device: str = "cam-limits", chunked: bool = False) -> str:

@@ -11,7 +11,7 @@ import requests
 from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port, wait_until
 from services.common import photos
 from services.common.s3 import ensure_bucket, s3_client
-from tests.conftest import start_service
+from tests.conftest import start_service, stop_cleanly
 from tests.helpers import Site, assert_problem, drain_queue, jpeg, photo, upload
 
 pytestmark = pytest.mark.servers
@@ -48,7 +48,7 @@ def gateway(site: Site, own_rabbit: RabbitNode, own_store: S3Server,
                    PHOTOFERRY_PUBLISH_TIMEOUT="3s", PHOTOFERRY_STORE_TIMEOUT="3s")
     service = start_service("gateway", env, tmp_path_factory.mktemp("logs"))
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 def test_broker_down_gives_503_then_recovers(gateway: ServiceProcess, own_rabbit: RabbitNode) -> None:
@@ -107,7 +107,7 @@ def test_gateway_starts_without_a_broker_and_says_so(site: Site, tmp_path: Path)
     dead = f"amqp://photoferry:photoferry@127.0.0.1:{free_port()}/"
     service = ServiceProcess("gateway", site.env(PHOTOFERRY_AMQP_URL=dead, PHOTOFERRY_GATEWAY_PORT=str(port)),
                              port=port, logfile=tmp_path / "gateway.log")
-    service.start()
+    service.start(wait="alive")
     try:
         ready = requests.get(f"{service.url}/readyz", timeout=10)
         assert_problem(ready, 503, "broker")

@@ -19,7 +19,7 @@ from services.common import parking, photos, topology
 from services.common.broker import Broker
 from services.common.localstore import LocalStore
 from services.common.shipping import ShippingControl
-from tests.conftest import start_service
+from tests.conftest import start_service, stop_cleanly
 from tests.helpers import Site, auth, remote_keys, set_control, store_settings, upload_many
 
 pytestmark = pytest.mark.servers
@@ -48,14 +48,14 @@ def env(site: Site, proxy: CountingProxy) -> dict[str, str]:
 def gateway(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
     service = start_service("gateway", env, logs)
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 @pytest.fixture(scope="module")
 def shipper(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
     service = start_service("shipper", env, logs)
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 def remote_sha256(site: Site, photo_id: str) -> str | None:
@@ -207,7 +207,7 @@ def test_kill_9_mid_upload_then_restart_ships_everything_once(
     try:
         wait_all_shipped(site, expected, timeout=120)
     finally:
-        survivor.stop()
+        stop_cleanly(survivor)
         shipper.start()
     keys = [k for k in remote_keys(site) if k.split("/")[-1] in expected]
     assert len(keys) == len(expected)

@@ -17,7 +17,7 @@ from devtools.proxy import CountingProxy, mean_rate, peak_rate
 from devtools.servers import S3Server, ServiceProcess, wait_until
 from services.common import photos
 from services.common.shipping import ShippingControl
-from tests.conftest import start_service
+from tests.conftest import start_service, stop_cleanly
 from tests.helpers import Site, remote_keys, set_control, upload_many
 
 pytestmark = pytest.mark.servers
@@ -48,7 +48,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
     service = start_service("gateway", env, logs)
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def shippers(env: dict[str, str], logs: Path) -> Iterator[list[ServiceProcess]]:
     started = [start_service("shipper", env, logs) for _ in range(2)]
     yield started
     for service in started:
-        service.stop()
+        stop_cleanly(service)
 
 
 @pytest.mark.parametrize("replicas", [1, 2])

@@ -16,7 +16,7 @@ from devtools.proxy import CountingProxy
 from devtools.servers import S3Server, ServiceProcess, wait_until
 from services.common import photos, topology
 from services.common.s3 import ensure_bucket, s3_client
-from tests.conftest import start_service
+from tests.conftest import start_service, stop_cleanly
 from tests.helpers import Site, upload_many
 
 pytestmark = pytest.mark.servers
@@ -33,7 +33,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(site: Site, logs: Path) -> Iterator[ServiceProcess]:
     service = start_service("gateway", site.env(), logs)
     yield service
-    service.stop()
+    stop_cleanly(service)
 
 
 def status(shipper: ServiceProcess) -> dict:  # type: ignore[type-arg]
@@ -74,7 +74,7 @@ def test_remote_down_for_a_while_holds_the_backlog_then_drains(
         assert status(shipper)["state"] == "running"
         assert nothing_parked(site)
     finally:
-        shipper.stop()
+        stop_cleanly(shipper)
         proxy.stop()
 
 
@@ -122,4 +122,41 @@ def test_rejected_credentials_open_the_breaker_park_nothing_and_resume_when_fixe
                    interval=1)
         assert nothing_parked(site)
     finally:
-        shipper.stop()
+        stop_cleanly(shipper)
+
+
+def test_a_link_slower_than_the_cap_is_reported(site: Site, remote_s3: S3Server, gateway: ServiceProcess,
+                                                logs: Path) -> None:
+    proxy = CountingProxy("127.0.0.1", remote_s3.port).start()
+    proxy.set_bandwidth(400_000)  # the cap is ten times that
+    shipper = start_service("shipper", site.env(PHOTOFERRY_S3_ENDPOINT=proxy.endpoint,
+                                                 PHOTOFERRY_SHIP_RATE="4MB"), logs)
+    try:
+        expected = upload_many(gateway.url, 24, device="cam-slow-link", size=300_000)
+        wait_until(lambda: status(shipper)["link_limited"], timeout=40, what="the slow link to be reported")
+        metrics = requests.get(f"{shipper.url}/metrics", timeout=10).text
+        assert "photoferry_shipper_link_limited 1.0" in metrics
+        proxy.set_bandwidth(None)
+        client = site.remote_client()
+        wait_until(lambda: shipped(client, site.remote_bucket, expected), timeout=60, what="the backlog to drain")
+    finally:
+        stop_cleanly(shipper)
+        proxy.stop()
+
+
+def test_sigterm_finishes_or_returns_what_is_in_flight(site: Site, gateway: ServiceProcess, logs: Path) -> None:
+    env = site.env(PHOTOFERRY_SHIP_RATE="1MB", PHOTOFERRY_SHUTDOWN_TIMEOUT="20s")
+    shipper = start_service("shipper", env, logs)
+    expected = upload_many(gateway.url, 4, device="cam-sigterm", size=[400_000, 3_000_000])
+    wait_until(lambda: status(shipper)["sent_bytes_total"] > 500_000, timeout=30, what="uploads under way")
+    assert shipper.stop() == 0  # SIGTERM: a clean exit
+    again = start_service("shipper", env, logs)
+    try:
+        client = site.remote_client()
+        wait_until(lambda: shipped(client, site.remote_bucket, expected), timeout=60, what="everything shipped")
+        keys = {k for page in client.get_paginator("list_objects_v2").paginate(Bucket=site.remote_bucket)
+                for k in (item["Key"] for item in page.get("Contents", [])) if "cam-sigterm" in k}
+        assert len(keys) == len(expected)
+        assert nothing_parked(site)
+    finally:
+        stop_cleanly(again)

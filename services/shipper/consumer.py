@@ -44,6 +44,7 @@ from services.shipper.breaker import Breaker
 from services.shipper.concurrency import ConcurrencyController
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.transfer import (
+    Aborted,
     LocalCorrupt,
     LocalMissing,
     LocalUnavailable,
@@ -64,6 +65,7 @@ CONCURRENCY_WINDOW_S = 5.0
 JOIN_DELAY_S = 0.25  # heartbeats cross the broker in milliseconds and peers re-split on receipt
 BUSY_GRACE_S = 2.0
 BROKER_TIMEOUT_S = 10.0
+ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
 
 
 class Shipper:
@@ -114,6 +116,7 @@ class Shipper:
         self._next_heartbeat = 0.0
         self._prefetch = 0
         self._ran_dry = False
+        self._leaving = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -142,12 +145,22 @@ class Shipper:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.config.shutdown_timeout)
             except TimeoutError:
-                # Unacknowledged messages return to the queue when the connection closes.
+                # Give up on the rest: unacknowledged, they return to the queue when the
+                # connection closes, and the next shipper ships them.
                 log.warning("stopping with shipments unfinished; they will be redelivered",
                             extra={"in_flight": len(self._in_flight)})
+                self.transfer.abort.set()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), ABORT_WAIT_S)
+                except TimeoutError:
+                    log.error("uploads did not stop; exiting anyway", extra={"in_flight": len(self._in_flight)})
+        log.info("shipments settled; leaving", extra={"in_flight": len(self._in_flight)})
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation that
+            # arrives as the awaited event fires, and the loop would never end.
+            self._leaving = True
+            self._wake()
+            await self._loop_task
         # Say goodbye, so the others take over this replica's share now, not after PEER_TTL_S.
         self._announced_busy = False
         try:
@@ -156,6 +169,7 @@ class Shipper:
             log.info("could not say goodbye to the other shippers", extra={"error": str(exc)})
         await self.breaker.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("shipper stopped")
 
     def state(self) -> str:
         if self._stopping:
@@ -208,7 +222,7 @@ class Shipper:
     async def _pace(self) -> None:
         next_backlog = next_concurrency = 0.0
         last_granted, last_tick = self.limiter.granted, time.monotonic()
-        while True:
+        while not self._leaving:
             now = time.monotonic()
             try:
                 if now >= self._next_control:
@@ -243,7 +257,8 @@ class Shipper:
                 # Open the gate on time, not at the next tick.
                 wait = max(0.01, self._busy_announced_at + JOIN_DELAY_S - time.monotonic())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), min(wait, TICK_S))
+                async with asyncio.timeout(min(wait, TICK_S)):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
 
@@ -376,6 +391,8 @@ class Shipper:
                 return
             shipment = await self._in_thread(self.transfer.ship, job)
             await self._mark_shipped(job, shipment)
+        except Aborted:
+            log.info("upload abandoned at stop; the message will be redelivered", extra={"photo_id": job.id})
         except LocalMissing as exc:
             await self._park(message, job.id, str(exc), attempt)
         except LocalCorrupt as exc:

@@ -19,6 +19,7 @@ import base64
 import hashlib
 import io
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -87,6 +88,10 @@ class LocalUnavailable(TransferError):
     """The local store could not be read."""
 
 
+class Aborted(TransferError):
+    """The shipper is stopping and gave up on this upload; its message is redelivered."""
+
+
 def classify(exc: Exception) -> TransferError:
     """Sort a boto3/botocore failure talking to the remote."""
     if isinstance(exc, ClientError):
@@ -117,8 +122,10 @@ def b64(digest: bytes) -> str:
 class PacedReader(io.RawIOBase):
     """A body for boto3: bytes from ``source``, paced by ``limiter``, checked before the last ones leave."""
 
-    def __init__(self, source: BinaryIO, size: int, limiter: RateLimiter, *, expected_sha256: str | None) -> None:
+    def __init__(self, source: BinaryIO, size: int, limiter: RateLimiter, *, expected_sha256: str | None,
+                 abort: threading.Event) -> None:
         super().__init__()
+        self._abort = abort
         self._source = source
         self._size = size
         self._limiter = limiter
@@ -133,6 +140,9 @@ class PacedReader(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         if self._read >= self._size:
             return b""
+        if self._abort.is_set():
+            self.failure = Aborted("the shipper is stopping")
+            raise self.failure
         want = self._limiter.piece() if n is None or n < 0 else min(n, self._limiter.piece())
         want = min(want, self._size - self._read)
         try:
@@ -187,6 +197,8 @@ class Transfer:
         self.limiter = limiter
         self._threshold = multipart_threshold
         self._part_size = part_size
+        # Set when the shipper stops: uploads still running give up at their next read.
+        self.abort = threading.Event()
 
     def remote_key(self, key: str) -> str:
         return self._prefix + key
@@ -250,7 +262,7 @@ class Transfer:
         return response["Body"], metadata
 
     def _single(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str]) -> None:
-        reader = PacedReader(body, job.size, self.limiter, expected_sha256=job.sha256)
+        reader = PacedReader(body, job.size, self.limiter, expected_sha256=job.sha256, abort=self.abort)
         self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             response = self._remote.put_object(
@@ -312,12 +324,17 @@ class Transfer:
                 # Checked before the last part leaves: the upload is never completed.
                 raise LocalCorrupt(f"local object's SHA-256 is {whole.hexdigest()}, its message says {job.sha256}")
             digest = hashlib.sha256(data).digest()
-            reader = PacedReader(io.BytesIO(data), len(data), self.limiter, expected_sha256=None)
+            reader = PacedReader(io.BytesIO(data), len(data), self.limiter, expected_sha256=None, abort=self.abort)
             self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
-            response = self._remote.upload_part(
-                Bucket=self.remote_bucket, Key=key, UploadId=upload_id, PartNumber=len(parts) + 1,
-                Body=reader, ContentLength=len(data), ChecksumSHA256=b64(digest),
-            )
+            try:
+                response = self._remote.upload_part(
+                    Bucket=self.remote_bucket, Key=key, UploadId=upload_id, PartNumber=len(parts) + 1,
+                    Body=reader, ContentLength=len(data), ChecksumSHA256=b64(digest),
+                )
+            except (ClientError, BotoCoreError, OSError):
+                if reader.failure is not None:
+                    raise reader.failure from None
+                raise
             if response.get("ChecksumSHA256") not in (None, b64(digest)):
                 raise Transient(f"S3 reports a different checksum for part {len(parts) + 1} of {key}")
             parts.append({"PartNumber": len(parts) + 1, "ETag": response["ETag"], "ChecksumSHA256": b64(digest)})
