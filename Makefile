@@ -22,6 +22,7 @@ up: $(INSTALLED)
 ## test: the whole suite, against real servers it starts itself (a few minutes)
 test: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
+	./devtools/system-deps.sh chromium
 	$(BIN)/python -m pytest
 
 ## lint: ruff over the code

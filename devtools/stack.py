@@ -153,6 +153,7 @@ def main() -> None:
             "PHOTOFERRY_DEVICE_SECRET": device_secret,
             "PHOTOFERRY_ADMIN_TOKEN": admin_token,
             "PHOTOFERRY_SHIP_RATE": os.environ.get("PHOTOFERRY_SHIP_RATE", "40Mbit"),
+            "PHOTOFERRY_RECONCILE_EVERY": os.environ.get("PHOTOFERRY_RECONCILE_EVERY", "30s"),
         }
         env.update({f"PHOTOFERRY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
         for name in SERVICES:
@@ -174,6 +175,7 @@ def _print_welcome(ports: dict[str, int], device_secret: str, admin_token: str,
                    remote: S3Server) -> None:
     token = device_token(device_secret, DEV_DEVICE)
     gateway = f"http://127.0.0.1:{ports['gateway']}"
+    keeper = f"http://127.0.0.1:{ports['store']}"
     sample = REPO / "devtools" / "sample.jpg"
     print(f"""
 photoferry is up.
@@ -190,7 +192,9 @@ Upload the sample photo (201 the first time, 200 with the same id after):
 \\"image\\":\\"$(base64 -w0 {sample})\\"}}"
 
 Then follow it (the id is in the answer):  curl -sS -H "Authorization: Bearer $TOKEN" {gateway}/v1/photos/<id>
-Operator token: {admin_token}
+and watch it arrive in the remote S3 (the store keeper's page and the operator command):
+  {keeper}/#token={admin_token}
+  PHOTOFERRY_STORE_URL={keeper} PHOTOFERRY_ADMIN_TOKEN={admin_token} .venv/bin/photoferry status
 
 Ctrl-C stops everything started here.
 """)

@@ -3,6 +3,7 @@
 #   system-deps.sh python     Python >= 3.11 with venv support
 #   system-deps.sh rabbitmq   the rabbitmq-server package (a private node is started from it)
 #   system-deps.sh rclone     rclone, the baseline of the shipper benchmark
+#   system-deps.sh chromium   Chromium, for the operator page's browser test
 # Missing packages are installed with apt-get when running as root; otherwise the
 # script says what to install and fails.
 set -euo pipefail
@@ -22,16 +23,24 @@ apt_install() {
   echo "installing $* with apt-get" >&2
   # Package scripts must not start system services here (containers, CI): a
   # policy-rc.d answering 101 denies it, and is removed again if we created it.
-  local policy=/usr/sbin/policy-rc.d created=""
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created=1
+  POLICY_CREATED=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && POLICY_CREATED=1
   fi
-  trap '[ -n "$created" ] && rm -f "$policy"' EXIT
+  trap remove_policy EXIT
   if [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -print -quit 2>/dev/null)" ]; then
     apt-get update -qq
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+  remove_policy
+}
+
+remove_policy() {
+  if [ -n "${POLICY_CREATED:-}" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    POLICY_CREATED=""
+  fi
 }
 
 case "${1:-}" in
@@ -55,8 +64,11 @@ case "${1:-}" in
   rclone)
     command -v rclone >/dev/null || apt_install rclone
     ;;
+  chromium)
+    [ -x /usr/bin/chromium ] || apt_install chromium
+    ;;
   *)
-    echo "usage: $0 python|rabbitmq|rclone" >&2
+    echo "usage: $0 python|rabbitmq|rclone|chromium" >&2
     exit 2
     ;;
 esac

@@ -1,26 +1,134 @@
-"""``photoferry``: the command line for a site's operators.
+"""``photoferry``: the command line for a site's operators, a client of the store keeper's API.
 
-    photoferry token DEVICE_ID    print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
+    photoferry status [--json]          backlog, rates, ETA, store, shipping, devices
+    photoferry pause [--until TIME]     stop shipping (until an RFC 3339 time)
+    photoferry resume                   ship again
+    photoferry rate 40Mbit              override the cap;  photoferry rate --schedule: back to the schedule
+    photoferry parked                   parked photos and why
+    photoferry replay                   send parked photos back to shipping
+    photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
+
+The operator commands talk to PHOTOFERRY_STORE_URL (default http://127.0.0.1:8081)
+with PHOTOFERRY_ADMIN_TOKEN.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import urllib.error
+import urllib.request
+from typing import Any
 
 from services.common.config import CliConfig
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.tokens import device_token
+from services.common.units import format_bytes
+
+
+class CliError(Exception):
+    """Something the operator should read: what went wrong, and what to do."""
+
+
+def _call(config: CliConfig, method: str, path: str, body: object = None) -> Any:
+    if not config.admin_token:
+        raise CliError("set PHOTOFERRY_ADMIN_TOKEN to the site's operator token")
+    request = urllib.request.Request(
+        f"{config.store_url}{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {config.admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise CliError(f"{method} {path}: {exc.code} {detail}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"the store keeper at {config.store_url} does not answer ({exc.reason}); "
+                       "set PHOTOFERRY_STORE_URL") from None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "never at current rates"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _status(config: CliConfig, args: argparse.Namespace) -> int:
+    s = _call(config, "GET", "/api/status")
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    rate = lambda n: f"{format_bytes(n)}/s"  # noqa: E731 (a local shorthand)
+    lines = [
+        f"backlog      {s['backlog_objects']} photos, {format_bytes(s['backlog_bytes'])}; oldest waiting "
+        f"{_duration(s['oldest_unshipped_age_s']) if s['oldest_unshipped_age_s'] is not None else '-'}",
+        f"rates        in {rate(s['ingest_bytes_per_s'])}, out {rate(s['egress_bytes_per_s'])}, "
+        f"cap {rate(s['cap_bytes_per_s'])}",
+        f"drains in    {_duration(s['eta_drain_s']) if s['backlog_bytes'] else 'drained'}",
+        f"store        {format_bytes(s['store_used_bytes'])} of {format_bytes(s['store_capacity_bytes'])}, "
+        f"full in {_duration(s['store_full_eta_s'])}; "
+        + ("taking uploads" if s["admission"]["open"] else f"REFUSING uploads: {s['admission']['reason']}"),
+        f"shipping     {s['shipping']}, {len(s['shippers'])} shipper(s)"
+        + ("; the link is slower than the cap" if s["link_limited"] else ""),
+        f"parked       {s['parked']}",
+        f"devices      {s['devices']}, silent: {', '.join(s['silent_devices']) or 'none'}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _pause(config: CliConfig, args: argparse.Namespace) -> int:
+    control = _call(config, "POST", "/api/shipping/pause", {"until": args.until} if args.until else {})
+    print("shipping paused" + (f" until {control['paused_until']}" if control.get("paused_until") else ""))
+    return 0
+
+
+def _resume(config: CliConfig, args: argparse.Namespace) -> int:
+    _call(config, "POST", "/api/shipping/resume")
+    print("shipping resumed")
+    return 0
+
+
+def _rate(config: CliConfig, args: argparse.Namespace) -> int:
+    if args.schedule == (args.rate is not None):
+        raise CliError("give a rate (photoferry rate 40Mbit) or --schedule, not both or neither")
+    control = _call(config, "PUT", "/api/shipping/rate", {"rate": None if args.schedule else args.rate})
+    print(f"cap now {format_bytes(control['cap_bytes_per_s'])}/s"
+          + (" (the schedule)" if args.schedule else " (override)"))
+    return 0
+
+
+def _parked(config: CliConfig, args: argparse.Namespace) -> int:
+    answer = _call(config, "GET", "/api/parked")
+    for photo in answer["parked"]:
+        print(f"{photo['id']}  {photo['parked_at']}  {photo['reason']}")
+    print(f"{len(answer['parked'])} parked with a reason; {answer['messages_on_parking_queue']} on the parking queue")
+    return 0
+
+
+def _replay(config: CliConfig, args: argparse.Namespace) -> int:
+    print(f"{_call(config, 'POST', '/api/parked/replay')['replayed']} parked photos sent back to shipping")
+    return 0
 
 
 def _token(config: CliConfig, args: argparse.Namespace) -> int:
     if not config.device_secret:
-        print("photoferry token: set PHOTOFERRY_DEVICE_SECRET to the site's device secret", file=sys.stderr)
-        return 2
+        raise CliError("set PHOTOFERRY_DEVICE_SECRET to the site's device secret")
     if not DEVICE_ID_PATTERN.fullmatch(args.device_id):
-        print("photoferry token: a device_id is 1 to 64 characters of A-Z a-z 0-9 . _ -", file=sys.stderr)
-        return 2
+        raise CliError("a device_id is 1 to 64 characters of A-Z a-z 0-9 . _ -")
     print(device_token(config.device_secret, args.device_id))
     return 0
 
@@ -28,6 +136,19 @@ def _token(config: CliConfig, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photoferry", description="Operate a photoferry site.")
     commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="backlog, rates, ETA, store, shipping, devices")
+    status.add_argument("--json", action="store_true", help="the figures as JSON")
+    status.set_defaults(run=_status)
+    pause = commands.add_parser("pause", help="stop shipping")
+    pause.add_argument("--until", help="resume by itself at this RFC 3339 time")
+    pause.set_defaults(run=_pause)
+    commands.add_parser("resume", help="ship again").set_defaults(run=_resume)
+    rate = commands.add_parser("rate", help="override the egress cap, or return to the schedule")
+    rate.add_argument("rate", nargs="?", help="e.g. 40Mbit, 5MB, 5MiB")
+    rate.add_argument("--schedule", action="store_true", help="drop the override: the schedule decides")
+    rate.set_defaults(run=_rate)
+    commands.add_parser("parked", help="list parked photos and why").set_defaults(run=_parked)
+    commands.add_parser("replay", help="send parked photos back to shipping").set_defaults(run=_replay)
     token = commands.add_parser("token", help="print the bearer token of a device")
     token.add_argument("device_id")
     token.set_defaults(run=_token)
@@ -36,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(CliConfig.from_env(os.environ), args))
+    try:
+        return int(args.run(CliConfig.from_env(os.environ), args))
+    except CliError as exc:
+        print(f"photoferry {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

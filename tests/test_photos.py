@@ -24,6 +24,15 @@ def test_any_difference_gives_another_id() -> None:
     assert photos.photo_id("cam-1", moment, "cd" * 32) != base
 
 
+@pytest.mark.parametrize("moment", [datetime(1, 1, 1, 0, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC),
+                                    datetime(999, 5, 4, 3, 2, 1, tzinfo=UTC)])
+def test_ids_have_a_fixed_layout_in_any_year(moment: datetime) -> None:
+    photo_id = photos.photo_id("cam-1", moment, SHA)
+    assert photos.is_photo_id(photo_id), photo_id
+    assert photos.owner_of(photo_id) == "cam-1"
+    assert photos.object_key(photo_id).startswith(f"photos/{moment.year:04d}/")
+
+
 @pytest.mark.parametrize("device", ["cam-1", "..", ".", "a" * 64, "A.b_c-9"])
 def test_id_names_its_owner_and_key_and_no_path_segment_is_the_device(device: str) -> None:
     photo_id = photos.photo_id(device, datetime(2026, 5, 1, 10, 0, tzinfo=UTC), SHA)

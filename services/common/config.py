@@ -13,7 +13,7 @@ from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from services.common.schedule import RateSchedule
-from services.common.units import parse_duration, parse_rate, parse_size
+from services.common.units import parse_duration, parse_fraction, parse_rate, parse_size
 
 T = TypeVar("T")
 
@@ -260,11 +260,68 @@ class ShipperConfig:
 
 
 @dataclass(frozen=True)
+class StoreKeeperConfig:
+    port: int
+    amqp_url: str
+    store: StoreSettings
+    admin_token: str
+    reconcile_every: float
+    retain: float  # shipped local copies are kept this long after they were stored
+    capacity: int
+    high_watermark: float
+    low_watermark: float
+    silent_after: float
+    schedule: RateSchedule  # for the ETA to drain
+    shutdown_timeout: float
+    logging: LogSettings
+    tracing: TracingSettings
+
+    @classmethod
+    def from_env(cls, env: Env) -> StoreKeeperConfig:
+        token = required(env, "PHOTOFERRY_ADMIN_TOKEN")
+        high = parsed(env, "PHOTOFERRY_STORE_HIGH_WATERMARK", parse_fraction, "0.9")
+        low = parsed(env, "PHOTOFERRY_STORE_LOW_WATERMARK", parse_fraction, "0.8")
+        if not 0 < low < high <= 1:
+            raise ConfigError(
+                f"PHOTOFERRY_STORE_LOW_WATERMARK ({low}) must be above 0 and below "
+                f"PHOTOFERRY_STORE_HIGH_WATERMARK ({high}), which is at most 1"
+            )
+        capacity = parsed(env, "PHOTOFERRY_STORE_CAPACITY", parse_size, "1TB")
+        if capacity < 1:
+            raise ConfigError("PHOTOFERRY_STORE_CAPACITY: must be above zero")
+        reconcile_every = parsed(env, "PHOTOFERRY_RECONCILE_EVERY", parse_duration, "1m")
+        if reconcile_every <= 0:
+            raise ConfigError("PHOTOFERRY_RECONCILE_EVERY: must be above zero")
+        return cls(
+            port=port(env, "PHOTOFERRY_STORE_PORT", 8081),
+            amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
+            store=StoreSettings.from_env(env),
+            admin_token=token,
+            reconcile_every=reconcile_every,
+            retain=parsed(env, "PHOTOFERRY_RETAIN", parse_duration, "7d"),
+            capacity=capacity,
+            high_watermark=high,
+            low_watermark=low,
+            silent_after=parsed(env, "PHOTOFERRY_SILENT_AFTER", parse_duration, "10m"),
+            schedule=rate_schedule(env),
+            shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
+            logging=LogSettings.from_env(env),
+            tracing=TracingSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
 class CliConfig:
     """What the ``photoferry`` command needs; each subcommand checks what it uses."""
 
     device_secret: str | None
+    store_url: str  # the store keeper's operator API
+    admin_token: str | None
 
     @classmethod
     def from_env(cls, env: Env) -> CliConfig:
-        return cls(device_secret=env.get("PHOTOFERRY_DEVICE_SECRET") or None)
+        return cls(
+            device_secret=env.get("PHOTOFERRY_DEVICE_SECRET") or None,
+            store_url=optional(env, "PHOTOFERRY_STORE_URL", "http://127.0.0.1:8081").rstrip("/"),
+            admin_token=env.get("PHOTOFERRY_ADMIN_TOKEN") or None,
+        )

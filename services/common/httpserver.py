@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -26,13 +27,16 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from services.common.problems import Problem
+from services.common.broker import Broker
+from services.common.localstore import LocalStore, StoreUnavailable
+from services.common.problems import Problem, json_response
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("photoferry.request")
 tracer = trace.get_tracer("photoferry.http")
 
 _LOG_FIELDS = web.RequestKey("log_fields", dict)
+READY_CHECK_TIMEOUT_S = 3.0
 
 
 class ServerState:
@@ -147,6 +151,33 @@ async def _traced(request: web.Request, handler: Any, metrics: HttpMetrics) -> w
                     status,
                     extra={"duration_ms": round(elapsed * 1000, 2), **log_fields(request)},
                 )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is alive (no dependency is consulted)."""
+    return json_response({"status": "ok"})
+
+
+def readiness_handler(dependencies: Callable[[web.Application], tuple[Broker, LocalStore]], *,
+                      retry_after: int) -> Any:
+    """``GET /readyz``: the broker and the local store can be used now; says which cannot."""
+
+    async def readyz(request: web.Request) -> web.Response:
+        broker, store = dependencies(request.app)
+        checks = {"broker": broker.readiness(), "store": "ok"}
+        try:
+            await asyncio.wait_for(store.ping(), READY_CHECK_TIMEOUT_S)
+        except StoreUnavailable as exc:
+            checks["store"] = str(exc)
+        except TimeoutError:
+            checks["store"] = f"no answer within {READY_CHECK_TIMEOUT_S:g}s"
+        failing = sorted(name for name, state in checks.items() if state != "ok")
+        if failing:
+            raise Problem(503, f"not ready: {', '.join(failing)} unavailable", retry_after=retry_after,
+                          checks=checks)
+        return json_response({"status": "ready", "checks": checks})
+
+    return readyz
 
 
 def metrics_handler(registry: CollectorRegistry) -> Any:

@@ -172,6 +172,17 @@ class LocalStore:
         except _FAILURES as exc:
             raise self._unavailable("delete", key, exc) from None
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects in one request per 1,000 (S3 DeleteObjects)."""
+        if not keys:
+            return
+        try:
+            await obstore.delete_async(self._store, keys)
+        except FileNotFoundError:
+            pass
+        except _FAILURES as exc:
+            raise self._unavailable("delete", f"{len(keys)} objects", exc) from None
+
     async def list(self, prefix: str, *, chunk_size: int = 1000) -> AsyncIterator[list[dict[str, Any]]]:
         """Yield the objects under ``prefix`` in key order, a page at a time."""
         try:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 REASON_HEADER = "x-photoferry-park-reason"
 ATTEMPT_HEADER = "x-photoferry-attempt"
 LAST_ERROR_HEADER = "x-photoferry-last-error"
+REPLAYED_HEADER = "x-photoferry-replayed"
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -73,7 +74,12 @@ async def list_parked(store: LocalStore, *, limit: int = 1000) -> list[ParkedPho
 
 
 async def replay(broker: Broker, store: LocalStore) -> int:
-    """Send every parked message back to the shipping queue; return how many."""
+    """Send every parked message back to the shipping queue; return how many.
+
+    Markers left without a message (the parking queue was purged) are removed too:
+    their photos are then unshipped photos without a message, which the store
+    keeper's reconciler queues again at its next sweep.
+    """
     if broker.declared is None or not broker.is_ready:
         raise BrokerUnavailable(f"broker {broker.readiness()}")
     queue = broker.declared.queues[topology.PARKED_QUEUE]
@@ -83,6 +89,7 @@ async def replay(broker: Broker, store: LocalStore) -> int:
                    if k not in (REASON_HEADER, ATTEMPT_HEADER, LAST_ERROR_HEADER) and not k.startswith("x-death")
                    and k not in ("x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                                  "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")}
+        headers[REPLAYED_HEADER] = True
         fresh = aio_pika.Message(message.body, content_type="application/json",
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers)
         try:
@@ -99,5 +106,7 @@ async def replay(broker: Broker, store: LocalStore) -> int:
             await store.delete(photos.parked_marker_key(photo_id))
         await message.ack()
         replayed += 1
-    log.info("parked photos replayed", extra={"count": replayed})
+    leftover = [item["path"] async for page in store.list(photos.PARKED_PREFIX) for item in page]
+    await store.delete_many(leftover)
+    log.info("parked photos replayed", extra={"count": replayed, "markers_without_message": len(leftover)})
     return replayed

@@ -41,7 +41,9 @@ def photo_id(device_id: str, captured_at: datetime, sha256_hex: str) -> str:
     """Derive the id of a photo from its device, capture instant and image digest."""
     material = f"{device_id}\n{canonical_time(captured_at)}\n{sha256_hex}".encode()
     digest = hashlib.sha256(material).hexdigest()[:20]
-    stamp = captured_at.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    t = captured_at.astimezone(UTC)
+    # Not strftime: glibc writes year 1 as "1", not "0001", and the id's layout is fixed.
+    stamp = f"{t.year:04d}{t.month:02d}{t.day:02d}T{t.hour:02d}{t.minute:02d}{t.second:02d}Z"
     return f"{stamp}-{digest}-{device_id}"
 
 

@@ -109,6 +109,7 @@ class Heartbeat:
     egress_bytes_per_s: float  # achieved, recent
     sent_bytes_total: int
     shipped_objects_total: int
+    in_flight: int  # shipments this replica holds (unacknowledged messages)
     concurrency: int
     link_limited: bool
     breaker_reason: str | None = None

@@ -26,11 +26,10 @@ from services.common.httpserver import log_fields
 from services.common.localstore import StoredObject, StoreUnavailable
 from services.common.problems import Problem, json_response
 from services.gateway import upload
-from services.gateway.keys import BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE
+from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE
 
 log = logging.getLogger(__name__)
 
-READY_CHECK_TIMEOUT_S = 3.0
 _WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="photoferry"'}
 
 
@@ -55,6 +54,9 @@ async def _upload(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
 
     token = _bearer_token(request, config)
+    admission = request.app[ADMISSION].current
+    if not admission.open:
+        raise _unavailable(config, f"the site's store is full ({admission.reason})")
     body_format = upload.body_format(request.headers.get("Content-Type"))
     limit = upload.body_limit(body_format, config.max_image_bytes)
     declared_length = request.content_length
@@ -241,31 +243,6 @@ async def photo_status(request: web.Request) -> web.Response:
     if stored is None and shipped is None:
         raise Problem(404, f"no photo {photo_id!r} is known here")
     return json_response(_describe(photo_id, stored, shipped, parked=parked))
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: the process is alive (no dependency is consulted)."""
-    return json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """``GET /readyz``: the local store and the broker can be used now."""
-    checks = {"store": "ok", "broker": request.app[BROKER].readiness()}
-    try:
-        await asyncio.wait_for(request.app[STORE].ping(), READY_CHECK_TIMEOUT_S)
-    except StoreUnavailable as exc:
-        checks["store"] = str(exc)
-    except TimeoutError:
-        checks["store"] = f"no answer within {READY_CHECK_TIMEOUT_S:g}s"
-    failing = sorted(name for name, state in checks.items() if state != "ok")
-    if failing:
-        raise Problem(
-            503,
-            f"not ready: {', '.join(failing)} unavailable",
-            retry_after=request.app[CONFIG].retry_after_s,
-            checks=checks,
-        )
-    return json_response({"status": "ready", "checks": checks})
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import sys
@@ -12,10 +11,18 @@ from aiohttp import web
 
 from services.common.broker import Broker
 from services.common.config import ConfigError, ShipperConfig
-from services.common.httpserver import SERVER_STATE, ServerState, metrics_handler, request_middleware, run
-from services.common.localstore import LocalStore, StoreUnavailable
+from services.common.httpserver import (
+    SERVER_STATE,
+    ServerState,
+    healthz,
+    metrics_handler,
+    readiness_handler,
+    request_middleware,
+    run,
+)
+from services.common.localstore import LocalStore
 from services.common.logs import setup_logging
-from services.common.problems import Problem, json_response, problem_middleware
+from services.common.problems import problem_middleware
 from services.common.s3 import s3_client
 from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.shipper.consumer import Shipper
@@ -24,7 +31,6 @@ from services.shipper.metrics import ShipperMetrics
 from services.shipper.transfer import Transfer
 
 SHIPPER = web.AppKey("shipper", Shipper)
-READY_CHECK_TIMEOUT_S = 3.0
 
 
 def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
@@ -57,7 +63,8 @@ def create_app(config: ShipperConfig) -> web.Application:
     app[SHIPPER] = build_shipper(config, metrics)
     app.cleanup_ctx.append(_shipping)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz", readiness_handler(lambda app: (app[SHIPPER].broker, app[SHIPPER].store),
+                                                    retry_after=5))
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics_handler(metrics.registry))
     return app
@@ -70,26 +77,6 @@ async def _shipping(app: web.Application) -> AsyncIterator[None]:
     yield
     await shipper.stop()
     await shipper.broker.close()
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """The broker and the local store can be used now (an open breaker is reported, not failed)."""
-    shipper = request.app[SHIPPER]
-    checks = {"broker": shipper.broker.readiness(), "store": "ok"}
-    try:
-        await asyncio.wait_for(shipper.store.ping(), READY_CHECK_TIMEOUT_S)
-    except StoreUnavailable as exc:
-        checks["store"] = str(exc)
-    except TimeoutError:
-        checks["store"] = f"no answer within {READY_CHECK_TIMEOUT_S:g}s"
-    failing = sorted(name for name, state in checks.items() if state != "ok")
-    if failing:
-        raise Problem(503, f"not ready: {', '.join(failing)} unavailable", retry_after=5, checks=checks)
-    return json_response({"status": "ready", "checks": checks, "shipping": shipper.state()})
 
 
 async def status(request: web.Request) -> web.Response:

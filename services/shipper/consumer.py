@@ -192,6 +192,7 @@ class Shipper:
             egress_bytes_per_s=self.egress,
             sent_bytes_total=self.limiter.granted,
             shipped_objects_total=self.shipped_objects,
+            in_flight=len(self._in_flight),
             concurrency=self.concurrency.limit,
             link_limited=self.concurrency.link_limited,
             breaker_reason=self.breaker.reason,

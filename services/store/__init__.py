@@ -1,0 +1,1 @@
+"""The store keeper: keeps the local store honest and is the operators' window into the site."""

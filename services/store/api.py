@@ -1,0 +1,186 @@
+"""The operator API (``Authorization: Bearer $PHOTOFERRY_ADMIN_TOKEN``) and the operator page.
+
+    GET  /api/status            the figures (backlog, ages, rates, ETA, store, shipping, devices)
+    GET  /api/history           samples of backlog, ingest, egress and cap, for charts
+    POST /api/shipping/pause    optional {"until": RFC 3339}
+    POST /api/shipping/resume
+    PUT  /api/shipping/rate     {"rate": "40Mbit"} (or bytes per second), or {"rate": null} for the schedule
+    GET  /api/parked            parked photos with their reasons
+    POST /api/parked/replay     send parked photos back to shipping
+    POST /api/sweep             sweep (reconcile, retention, capacity) now
+    GET  /                      the operator page (it asks for the token; the API checks it)
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from services.common import parking
+from services.common.broker import BrokerUnavailable
+from services.common.localstore import StoreUnavailable
+from services.common.problems import Problem, json_response
+from services.common.shipping import ShippingControl, read_control, write_control
+from services.common.units import parse_rate
+from services.store.keeper import Keeper
+
+KEEPER = web.AppKey("keeper", Keeper)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+_WWW_AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="photoferry operator"'}
+
+
+@web.middleware
+async def operator_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every /api/ route needs the operator's token; compared in constant time."""
+    if request.path.startswith("/api/"):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        expected = request.app[ADMIN_TOKEN].encode()
+        if scheme.lower() != "bearer" or not given:
+            raise Problem(401, "the operator token is required: Authorization: Bearer <token>",
+                          headers=_WWW_AUTHENTICATE)
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise Problem(401, "the operator token is not valid", headers=_WWW_AUTHENTICATE)
+    return await handler(request)
+
+
+async def status(request: web.Request) -> web.Response:
+    return json_response(request.app[KEEPER].status())
+
+
+async def history(request: web.Request) -> web.Response:
+    return json_response(list(request.app[KEEPER].history))
+
+
+async def pause(request: web.Request) -> web.Response:
+    body = await _json_object(request, allow_empty=True)
+    until = body.get("until")
+    if until is not None:
+        until = _future_time(until)
+    return await _change(request, lambda c: ShippingControl(rate_override=c.rate_override, paused=True,
+                                                            paused_until=until))
+
+
+async def resume(request: web.Request) -> web.Response:
+    return await _change(request, lambda c: ShippingControl(rate_override=c.rate_override))
+
+
+async def set_rate(request: web.Request) -> web.Response:
+    body = await _json_object(request, allow_empty=False)
+    if "rate" not in body:
+        raise Problem(400, 'the body must say {"rate": "40Mbit"} (or a number of bytes per second, or null)')
+    rate = _rate(body["rate"])
+    return await _change(request, lambda c: ShippingControl(rate_override=rate, paused=c.paused,
+                                                            paused_until=c.paused_until))
+
+
+async def list_parked(request: web.Request) -> web.Response:
+    keeper = request.app[KEEPER]
+    try:
+        parked = await parking.list_parked(keeper.store)
+    except StoreUnavailable as exc:
+        raise Problem(503, f"the local store is unavailable: {exc}", retry_after=5) from None
+    return json_response({
+        "parked": [p.__dict__ for p in parked],
+        "messages_on_parking_queue": keeper.parked_messages,
+    })
+
+
+async def replay_parked(request: web.Request) -> web.Response:
+    keeper = request.app[KEEPER]
+    try:
+        replayed = await parking.replay(keeper.broker, keeper.store)
+    except (BrokerUnavailable, StoreUnavailable) as exc:
+        raise Problem(503, f"could not replay parked photos now: {exc}", retry_after=5) from None
+    keeper.request_sweep()  # photos whose marker was left without a message are queued by the next sweep
+    return json_response({"replayed": replayed})
+
+
+async def sweep_now(request: web.Request) -> web.Response:
+    try:
+        result = await request.app[KEEPER].run_sweep()
+    except StoreUnavailable as exc:
+        raise Problem(503, f"the local store is unavailable: {exc}", retry_after=5) from None
+    return json_response({
+        "photos": result.photos, "unshipped": result.unshipped, "deleted": result.deleted,
+        "evicted_bytes": result.evicted_bytes, "parked": result.parked,
+        "duration_s": round(result.duration_s, 3),
+    })
+
+
+async def page(request: web.Request) -> web.Response:
+    html = resources.files("services.store").joinpath("page.html").read_text()
+    return web.Response(text=html, content_type="text/html")
+
+
+async def _change(request: web.Request, new: Any) -> web.Response:
+    keeper = request.app[KEEPER]
+    try:
+        current = await read_control(keeper.store)
+        keeper.control = await write_control(keeper.store, keeper.broker, new(current))
+    except StoreUnavailable as exc:
+        raise Problem(503, f"the local store is unavailable; nothing changed: {exc}", retry_after=5) from None
+    figures = keeper.status()
+    return json_response(figures["control"] | {"cap_bytes_per_s": figures["cap_bytes_per_s"]})
+
+
+async def _json_object(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise Problem(400, "a JSON body is required")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise Problem(400, "the body must be a JSON object")
+    return body
+
+
+def _future_time(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Problem(400, "until must be an RFC 3339 time with an offset, e.g. 2026-05-01T06:00:00+02:00")
+    try:
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise Problem(400, f"until {value!r} is not an RFC 3339 time") from None
+    if moment.tzinfo is None:
+        raise Problem(400, "until needs an offset (Z or +hh:mm)")
+    if moment <= datetime.now(UTC):
+        raise Problem(400, f"until {value!r} is not in the future")
+    return moment.astimezone(UTC).isoformat()
+
+
+def _rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise Problem(400, "rate must be a rate such as \"40Mbit\", a number of bytes per second, or null")
+    if isinstance(value, int | float):
+        if not value > 0 or value != value or value == float("inf"):
+            raise Problem(400, "rate must be above zero (pause shipping to stop it)")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return parse_rate(value)
+        except ValueError as exc:
+            raise Problem(400, f"rate: {exc}") from None
+    raise Problem(400, "rate must be a rate such as \"40Mbit\", a number of bytes per second, or null")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", page)
+    app.router.add_get("/api/status", status)
+    app.router.add_get("/api/history", history)
+    app.router.add_post("/api/shipping/pause", pause)
+    app.router.add_post("/api/shipping/resume", resume)
+    app.router.add_put("/api/shipping/rate", set_rate)
+    app.router.add_get("/api/parked", list_parked)
+    app.router.add_post("/api/parked/replay", replay_parked)
+    app.router.add_post("/api/sweep", sweep_now)

@@ -1,0 +1,386 @@
+"""The store keeper's work: sweeps, reconciling, capacity, and the figures operators see.
+
+- A sweep (every ``PHOTOFERRY_RECONCILE_EVERY``, or at once under pressure) walks
+  the store, applies retention, and counts what is unshipped.
+- Reconciling compares that count with the messages the broker holds for
+  shipping (ready, in retry, parked, and in the shippers' hands): only a
+  deficit is re-enqueued, so a long healthy backlog causes no duplicates. The
+  photos that never had a message go first, then the oldest.
+- Capacity: between sweeps usage is the last sweep's plus what has been queued
+  since. Past the high watermark a sweep evicts shipped copies early; if usage
+  is still past it, admission closes (every gateway answers 503) until usage is
+  under the low watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from botocore.client import BaseClient
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.common import photos, topology
+from services.common.admission import Admission, write_admission
+from services.common.broker import Broker, BrokerUnavailable
+from services.common.config import StoreKeeperConfig
+from services.common.localstore import LocalStore, StoreUnavailable
+from services.common.s3 import ensure_bucket
+from services.common.shipping import ShippingControl, read_control
+from services.store.forecast import drain_eta_s, full_eta_s
+from services.store.metrics import KeeperMetrics
+from services.store.sweep import SweepResult, sweep
+from services.store.tap import RECONCILED_HEADER, RateWindow, Tap
+
+log = logging.getLogger(__name__)
+
+CAPACITY_CHECK_S = 5.0
+HISTORY_EVERY_S = 30.0
+HISTORY_SPAN_S = 12 * 3600
+HISTORY_KEY = "state/history.json"
+HISTORY_SAVE_EVERY_S = 300.0
+RECONCILE_BATCH = 5000  # most re-enqueued per sweep
+STALE_UPLOADS_AFTER = timedelta(hours=24)  # incomplete multipart uploads in the local bucket
+BROKER_TIMEOUT_S = 10.0
+
+
+class Keeper:
+    def __init__(self, config: StoreKeeperConfig, *, store: LocalStore, admin: BaseClient, broker: Broker,
+                 tap: Tap, metrics: KeeperMetrics) -> None:
+        self.config = config
+        self.store = store
+        self.admin = admin
+        self.broker = broker
+        self.tap = tap
+        self.metrics = metrics
+        self.last_sweep: SweepResult | None = None
+        self.admission = Admission()
+        self.control = ShippingControl()
+        self.queued = 0  # shipping messages the broker holds, at the last count
+        self.parked_messages = 0
+        self.history: deque[dict[str, Any]] = deque(maxlen=int(HISTORY_SPAN_S / HISTORY_EVERY_S))
+        self._deleted = RateWindow(3600)
+        self._ingest_at_sweep = 0.0
+        self._sweep_lock = asyncio.Lock()
+        self._sweep_now = asyncio.Event()
+        self._evict_bytes = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._poll_channel: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._provision)
+        await self._load_history()
+        self._tasks = [
+            asyncio.create_task(self._sweep_loop(), name="keeper-sweeps"),
+            asyncio.create_task(self._capacity_loop(), name="keeper-capacity"),
+            asyncio.create_task(self._history_loop(), name="keeper-history"),
+        ]
+
+    async def on_broker_ready(self, broker: Broker) -> None:
+        assert broker.connection is not None
+        self._poll_channel = await broker.connection.channel(publisher_confirms=False)
+        await self.tap.attach(broker)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._save_history()
+
+    def _provision(self) -> None:
+        """The bucket exists, and uploads a crashed writer left unfinished are cleaned up."""
+        bucket = self.config.store.bucket
+        try:
+            ensure_bucket(self.admin, bucket)
+            cutoff = datetime.now(UTC) - STALE_UPLOADS_AFTER
+            listing = self.admin.list_multipart_uploads(Bucket=bucket)
+            for upload in listing.get("Uploads", []):
+                if upload["Initiated"] < cutoff:
+                    self.admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    log.info("aborted an incomplete multipart upload", extra={"key": upload["Key"]})
+        except (ClientError, BotoCoreError) as exc:
+            # The keeper still reports and retries at its next sweep; the gateways' readiness shows the store.
+            log.error("could not provision the local bucket", extra={"bucket": bucket, "error": str(exc)})
+
+    # -- sweeps and reconciling -------------------------------------------------------------
+
+    def request_sweep(self) -> None:
+        self._sweep_now.set()
+
+    async def run_sweep(self) -> SweepResult:
+        """Sweep now (one at a time), reconcile, and decide admission."""
+        async with self._sweep_lock:
+            queued_before = await self._count_queued()  # None while the broker is away
+            self.tap.begin_sweep()
+            ingest_before = self.tap.ingest_bytes.total
+            started = time.monotonic()
+            # A photo stored a moment ago may be between the gateway's write and its
+            # publish: it is a candidate only after a sweep interval (at most a minute).
+            grace = timedelta(seconds=min(60.0, self.config.reconcile_every))
+            result = await sweep(self.store, now=datetime.now(UTC), retain=timedelta(seconds=self.config.retain),
+                                 evict_bytes=self._evict_bytes, orphan_grace=grace, seen=self.tap.has_seen)
+            result.finished_at = datetime.now(UTC)
+            self.tap.prune(result.unshipped_ids)
+            self._evict_bytes = 0
+            self._ingest_at_sweep = ingest_before
+            self._deleted.add(result.deleted_bytes)
+            queued_after = await self._count_queued()
+            reconciled = 0
+            if queued_before is None or queued_after is None:
+                log.warning("broker unavailable: the sweep cannot tell which photos lack a message; "
+                            "reconciling waits for the next sweep")
+            else:
+                self.queued = max(queued_before, queued_after)
+                reconciled = await self._reconcile(result)
+            self.last_sweep = result
+            self.metrics.observe_sweep(result, time.monotonic() - started, reconciled)
+            log.info("store swept", extra={
+                "photos": result.photos, "unshipped": result.unshipped, "queued": self.queued,
+                "reconciled": reconciled, "deleted": result.deleted, "evicted_bytes": result.evicted_bytes,
+                "parked": result.parked, "duration_s": round(result.duration_s, 2)})
+        await self._decide_admission()
+        return result
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                self.control = await read_control(self.store)
+                await self.run_sweep()
+            except (StoreUnavailable, BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
+                log.warning("sweep failed; trying again at the next one", extra={"error": str(exc)})
+            except Exception:
+                log.exception("sweep failed; trying again at the next one")
+            self._sweep_now.clear()
+            try:
+                async with asyncio.timeout(self.config.reconcile_every):
+                    await self._sweep_now.wait()
+            except TimeoutError:
+                pass
+
+    async def _count_queued(self) -> int | None:
+        """Shipping messages the broker holds: ready, in retry, parked, and in the shippers' hands."""
+        if not self.broker.is_ready or self._poll_channel is None:
+            return None
+        try:
+            return await self._count_queued_now()
+        except CONNECTION_EXCEPTIONS as exc:
+            log.warning("could not count queued photos", extra={"error": str(exc)})
+            return None
+
+    async def _count_queued_now(self) -> int:
+        channel = await self._poll_channel.get_underlay_channel()
+        ready = 0
+        for name in (topology.SHIP_QUEUE, topology.PARKED_QUEUE,
+                     *(topology.retry_queue(d) for d in topology.RETRY_DELAYS_S)):
+            declared = await channel.queue_declare(name, passive=True)
+            ready += int(declared.message_count or 0)
+            if name == topology.PARKED_QUEUE:
+                self.parked_messages = int(declared.message_count or 0)
+        return ready + sum(beat.in_flight for beat in self.tap.shippers())
+
+    async def _reconcile(self, result: SweepResult) -> int:
+        deficit = result.unshipped - self.queued
+        self.metrics.unaccounted.set(max(0, deficit))
+        if deficit <= 0:
+            return 0
+        reconciled = 0
+        for orphan in result.orphans[: min(deficit, RECONCILE_BATCH)]:
+            if await self.store.exists(photos.shipped_marker_key(orphan.id)):
+                continue  # shipped while the sweep ran
+            message = await self._message_for(orphan.id)
+            if message is None:
+                continue
+            await self.broker.publish(
+                topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY,
+                aio_pika.Message(message.to_json(), content_type="application/json",
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 headers={RECONCILED_HEADER: True}),
+                timeout=BROKER_TIMEOUT_S,
+            )
+            self.tap.saw(orphan.id)
+            reconciled += 1
+        if reconciled:
+            log.warning("re-enqueued photos that had no shipping message",
+                        extra={"count": reconciled, "unshipped": result.unshipped, "queued": self.queued})
+        return reconciled
+
+    async def _message_for(self, photo_id: str) -> photos.PhotoMessage | None:
+        key = photos.object_key(photo_id)
+        stored = await self.store.stat(key)
+        if stored is None:
+            return None
+        sha256 = stored.metadata.get("sha256")
+        if not sha256:
+            # Not written by a gateway (restored by hand?): its own bytes say what it is.
+            body = await self.store.read(key)
+            if body is None:
+                return None
+            sha256 = hashlib.sha256(body).hexdigest()
+        stored_at = photos.canonical_time(stored.last_modified)
+        return photos.PhotoMessage(
+            id=photo_id, key=key, size=stored.size, sha256=sha256, content_type=stored.content_type,
+            device_id=photos.owner_of(photo_id),
+            captured_at=stored.metadata.get("captured-at", stored_at),
+            received_at=stored.metadata.get("received-at", stored_at),
+        )
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """Local usage now: the last sweep's, plus what has been queued since it began."""
+        if self.last_sweep is None:
+            return 0
+        return int(self.last_sweep.photo_bytes + self.tap.ingest_bytes.total - self._ingest_at_sweep)
+
+    async def _capacity_loop(self) -> None:
+        while True:
+            try:
+                if self.last_sweep is not None:
+                    high = self.config.high_watermark * self.config.capacity
+                    if self.used_bytes() >= high and not self._sweep_lock.locked():
+                        # Evict shipped copies early, to just under the low watermark if they suffice.
+                        low = self.config.low_watermark * self.config.capacity
+                        self._evict_bytes = int(self.used_bytes() - low) + 1
+                        self.request_sweep()
+                    await self._decide_admission()
+            except StoreUnavailable as exc:
+                log.warning("could not publish the admission decision", extra={"error": str(exc)})
+            await asyncio.sleep(CAPACITY_CHECK_S)
+
+    async def _decide_admission(self) -> None:
+        used, capacity = self.used_bytes(), self.config.capacity
+        high, low = self.config.high_watermark, self.config.low_watermark
+        is_open = self.admission.open
+        if is_open and used >= high * capacity and not self._evicting():
+            is_open = False
+        elif not is_open and used < low * capacity:
+            is_open = True
+        reason = "" if is_open else (
+            f"{used / capacity:.0%} of {capacity} bytes in use, above the {high:.0%} high watermark "
+            f"even after evicting shipped copies; uploads resume under {low:.0%}")
+        if is_open != self.admission.open:
+            log.warning("admission %s", "opened" if is_open else "closed",
+                        extra={"used_bytes": used, "capacity_bytes": capacity, "reason": reason})
+        self.admission = Admission(open=is_open, reason=reason, used_bytes=used, capacity_bytes=capacity,
+                                   decided_at=datetime.now(UTC).isoformat())
+        self.metrics.admission_open.set(1 if is_open else 0)
+        self.metrics.used.set(used)
+        await write_admission(self.store, self.admission)
+
+    def _evicting(self) -> bool:
+        return self._evict_bytes > 0
+
+    # -- figures for operators ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        sweep_result = self.last_sweep
+        shippers = self.tap.shippers()
+        ingest = self.tap.ingest_bytes.rate()
+        egress = sum(beat.egress_bytes_per_s for beat in shippers)
+        cap = self.control.cap(self.config.schedule, now)
+        link_limited = any(beat.link_limited for beat in shippers)
+        backlog_bytes = sweep_result.unshipped_bytes if sweep_result else 0
+        used = self.used_bytes()
+        devices = self._devices(now)
+        silent_before = now.timestamp() - self.config.silent_after
+        return {
+            "backlog_objects": sweep_result.unshipped if sweep_result else 0,
+            "backlog_bytes": backlog_bytes,
+            "oldest_unshipped_age_s": (
+                round((now - sweep_result.oldest_unshipped).total_seconds(), 1)
+                if sweep_result and sweep_result.oldest_unshipped else None),
+            "ingest_bytes_per_s": round(ingest, 1),
+            "ingest_photos_per_s": round(self.tap.ingest_photos.rate(), 3),
+            "egress_bytes_per_s": round(egress, 1),
+            "cap_bytes_per_s": cap,
+            "eta_drain_s": _rounded(drain_eta_s(
+                backlog_bytes, ingest, schedule=self.config.schedule, control=self.control, now=now,
+                link_bytes_per_s=egress if link_limited else None)),
+            "store_used_bytes": used,
+            "store_capacity_bytes": self.config.capacity,
+            "store_full_eta_s": _rounded(full_eta_s(used, self.config.capacity, ingest, self._deleted.rate())),
+            "high_watermark": self.config.high_watermark,
+            "low_watermark": self.config.low_watermark,
+            "admission": {"open": self.admission.open, "reason": self.admission.reason},
+            # Every parked photo has a message on the parking queue; those the shipper parked
+            # also have a marker with the reason. A marker without a message is counted too.
+            "parked": max(sweep_result.parked if sweep_result else 0, self.parked_messages),
+            "queued_messages": self.queued,
+            "shipping": self._shipping_state(shippers, now),
+            "control": {"rate_override": self.control.rate_override, "paused": self.control.is_paused(now),
+                        "paused_until": self.control.paused_until},
+            "shippers": [{"replica": b.replica, "state": b.state, "busy": b.busy,
+                          "egress_bytes_per_s": round(b.egress_bytes_per_s, 1), "concurrency": b.concurrency,
+                          "link_limited": b.link_limited, "breaker_reason": b.breaker_reason}
+                         for b in shippers],
+            "link_limited": link_limited,
+            "devices": len(devices),
+            "silent_devices": sorted(d for d, seen in devices.items() if seen < silent_before),
+            "swept_at": sweep_result.finished_at.isoformat() if sweep_result and sweep_result.finished_at else None,
+            "sweep_duration_s": round(sweep_result.duration_s, 2) if sweep_result else None,
+            "now": now.isoformat(),
+        }
+
+    def _devices(self, now: datetime) -> dict[str, float]:
+        """Each device's last upload (epoch s): the store's record, updated by what the tap heard."""
+        seen = {d: t.timestamp() for d, t in (self.last_sweep.devices if self.last_sweep else {}).items()}
+        for device, at in self.tap.device_seen.items():
+            seen[device] = max(seen.get(device, 0.0), at)
+        return seen
+
+    def _shipping_state(self, shippers: list[Any], now: datetime) -> str:
+        if any(b.state == "breaker_open" for b in shippers):
+            return "breaker_open"
+        if self.control.cap(self.config.schedule, now) <= 0:
+            return "paused"
+        return "running"
+
+    # -- history, for the operator page's charts -------------------------------------------------
+
+    async def _history_loop(self) -> None:
+        last_saved = time.monotonic()
+        while True:
+            await asyncio.sleep(HISTORY_EVERY_S)
+            figures = self.status()
+            self.history.append({
+                "t": figures["now"], "backlog_bytes": figures["backlog_bytes"],
+                "backlog_objects": figures["backlog_objects"], "ingest": figures["ingest_bytes_per_s"],
+                "egress": figures["egress_bytes_per_s"], "cap": figures["cap_bytes_per_s"],
+            })
+            if time.monotonic() - last_saved >= HISTORY_SAVE_EVERY_S:
+                await self._save_history()
+                last_saved = time.monotonic()
+
+    async def _save_history(self) -> None:
+        try:
+            await self.store.put(HISTORY_KEY, orjson.dumps(list(self.history)),
+                                 metadata={"Content-Type": "application/json"})
+        except StoreUnavailable as exc:
+            log.warning("could not save the history of figures", extra={"error": str(exc)})
+
+    async def _load_history(self) -> None:
+        try:
+            body = await self.store.read(HISTORY_KEY)
+        except StoreUnavailable as exc:
+            log.warning("could not load the history of figures", extra={"error": str(exc)})
+            return
+        if body:
+            try:
+                self.history.extend(orjson.loads(body))
+            except (ValueError, TypeError) as exc:
+                log.warning("history of figures unreadable; starting afresh", extra={"error": str(exc)})
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

@@ -1,0 +1,123 @@
+"""What the store keeper hears on the broker: photos being queued, and shipper heartbeats.
+
+A queue of its own, bound like the shipping queue, gets a copy of every shipping
+message: first publishes give the ingest rate and each device's last upload;
+every message tells that a photo has (had) a message, which the reconciler uses
+to prefer photos that never had one. Heartbeats give the shippers' state, egress
+and shipments in flight. The queues are temporary: what is missed while the keeper
+is down is made up by the next sweep of the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from services.common import parking, photos, topology
+from services.common.broker import Broker
+from services.common.shipping import PEER_TTL_S, Heartbeat
+
+log = logging.getLogger(__name__)
+
+# Marks the reconciler's messages. A message that is not a first publish also
+# carries x-death (a retry returning from a delay queue) or parking's replay header.
+RECONCILED_HEADER = "x-photoferry-reconciled"
+
+
+def id_hash(photo_id: str) -> int:
+    """8 bytes per photo id: the seen-set holds a backlog's worth of them."""
+    return int.from_bytes(hashlib.blake2b(photo_id.encode(), digest_size=8).digest(), "big")
+
+
+class RateWindow:
+    """Events per second over the last ``span_s`` seconds, in one-second buckets."""
+
+    def __init__(self, span_s: int = 60) -> None:
+        self._span = span_s
+        self._buckets: deque[list[float]] = deque()  # [second, amount]
+        self.total = 0.0
+
+    def add(self, amount: float, now: float | None = None) -> None:
+        second = int(now if now is not None else time.time())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += amount
+        else:
+            self._buckets.append([second, amount])
+        self.total += amount
+
+    def rate(self, now: float | None = None) -> float:
+        cutoff = (now if now is not None else time.time()) - self._span
+        while self._buckets and self._buckets[0][0] < cutoff:
+            self._buckets.popleft()
+        return sum(amount for _, amount in self._buckets) / self._span
+
+
+class Tap:
+    def __init__(self) -> None:
+        self.ingest_bytes = RateWindow(60)
+        self.ingest_photos = RateWindow(60)
+        self.device_seen: dict[str, float] = {}  # device -> time of its last upload (epoch s)
+        self.seen: set[int] = set()  # id hashes of photos that had a message since the keeper started
+        self._fresh: set[int] = set()  # ... of which heard since the current sweep began
+        self._shippers: dict[str, tuple[Heartbeat, float]] = {}
+        self._queues: list[AbstractQueue] = []
+
+    async def attach(self, broker: Broker) -> None:
+        """Bind temporary queues to the photos and status exchanges (on broker ready)."""
+        assert broker.channel is not None and broker.declared is not None
+        copies = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
+        await copies.bind(broker.declared.exchanges[topology.PHOTOS_EXCHANGE], topology.SHIP_ROUTING_KEY)
+        await copies.consume(self._on_photo, no_ack=True)
+        heartbeats = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
+        await heartbeats.bind(broker.declared.exchanges[topology.STATUS_EXCHANGE])
+        await heartbeats.consume(self._on_heartbeat, no_ack=True)
+        self._queues = [copies, heartbeats]  # robust channels restore only what is referenced
+
+    async def _on_photo(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = photos.PhotoMessage.from_json(message.body)
+        except ValueError:
+            return  # the shipper parks what is not a shipping message
+        self.saw(job.id)
+        headers = message.headers or {}
+        if any(h in headers for h in ("x-death", parking.ATTEMPT_HEADER, parking.REPLAYED_HEADER,
+                                      RECONCILED_HEADER)):
+            return
+        self.ingest_bytes.add(job.size)
+        self.ingest_photos.add(1)
+        self.device_seen[job.device_id] = time.time()
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            beat = Heartbeat.from_json(message.body)
+        except (ValueError, TypeError) as exc:
+            log.warning("unreadable heartbeat", extra={"error": str(exc)})
+            return
+        self._shippers[beat.replica] = (beat, time.monotonic())
+
+    def saw(self, photo_id: str) -> None:
+        digest = id_hash(photo_id)
+        self.seen.add(digest)
+        self._fresh.add(digest)
+
+    def begin_sweep(self) -> None:
+        self._fresh = set()
+
+    def prune(self, unshipped: set[int]) -> None:
+        """Forget photos that shipped: keep those still unshipped and those heard during the sweep."""
+        self.seen = (self.seen & unshipped) | self._fresh
+
+    def has_seen(self, photo_id: str) -> bool:
+        return id_hash(photo_id) in self.seen
+
+    def shippers(self) -> list[Heartbeat]:
+        """Replicas heard from lately (a replica that said goodbye is not busy and drops out later)."""
+        now = time.monotonic()
+        for replica, (_, heard) in list(self._shippers.items()):
+            if now - heard > PEER_TTL_S * 3:
+                del self._shippers[replica]
+        return [beat for beat, heard in self._shippers.values() if now - heard <= PEER_TTL_S]

@@ -1,0 +1,371 @@
+"""The store keeper against real servers: reconciling, retention, figures, and the operator API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
+
+import aio_pika
+import pytest
+import requests
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+from devtools.servers import ServiceProcess, wait_until
+from services.common import photos, topology
+from services.common.s3 import ensure_bucket
+from tests.conftest import start_service, stop_cleanly
+from tests.helpers import ADMIN_TOKEN, Site, assert_problem, auth, jpeg, metric_value, photo, upload, upload_many
+
+pytestmark = pytest.mark.servers
+
+OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def env(site: Site) -> dict[str, str]:
+    return site.env(PHOTOFERRY_SHIP_RATE="4MB", PHOTOFERRY_RECONCILE_EVERY="3s", PHOTOFERRY_RETAIN="3s")
+
+
+@pytest.fixture(scope="module")
+def keeper(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
+    service = start_service("store", env, logs)
+    yield service
+    stop_cleanly(service)
+
+
+@pytest.fixture(scope="module")
+def gateway(env: dict[str, str], logs: Path, keeper: ServiceProcess) -> Iterator[ServiceProcess]:
+    service = start_service("gateway", env, logs)
+    yield service
+    stop_cleanly(service)
+
+
+@pytest.fixture(scope="module")
+def shipper(env: dict[str, str], logs: Path, keeper: ServiceProcess) -> Iterator[ServiceProcess]:
+    service = start_service("shipper", env, logs)
+    yield service
+    stop_cleanly(service)
+
+
+def operator(keeper: ServiceProcess, method: str, path: str, body: object = None) -> requests.Response:
+    return requests.request(method, f"{keeper.url}{path}", json=body, headers=OPERATOR, timeout=30)
+
+
+def status(keeper: ServiceProcess) -> dict:  # type: ignore[type-arg]
+    response = operator(keeper, "GET", "/api/status")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def sweep(keeper: ServiceProcess) -> dict:  # type: ignore[type-arg]
+    response = operator(keeper, "POST", "/api/sweep")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ship_queue_depth(site: Site) -> int:
+    queue = site.rabbit.management("GET", f"queues/{site.name}/{topology.SHIP_QUEUE}")
+    return int(queue.get("messages", 0))  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def paused(keeper: ServiceProcess, shipper: ServiceProcess) -> Iterator[None]:
+    """Shipping paused for the test, resumed after it."""
+    assert operator(keeper, "POST", "/api/shipping/pause").status_code == 200
+    yield
+    assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/api/status"), ("GET", "/api/history"), ("POST", "/api/shipping/pause"),
+     ("POST", "/api/shipping/resume"), ("PUT", "/api/shipping/rate"), ("GET", "/api/parked"),
+     ("POST", "/api/parked/replay"), ("POST", "/api/sweep")],
+)
+def test_the_operator_api_needs_the_operator_token(keeper: ServiceProcess, method: str, path: str) -> None:
+    assert_problem(requests.request(method, f"{keeper.url}{path}", timeout=10), 401, "token")
+    wrong = {"Authorization": "Bearer not-the-token"}
+    assert_problem(requests.request(method, f"{keeper.url}{path}", headers=wrong, timeout=10), 401, "not valid")
+    device = auth("cam-001")  # a device token is not an operator token
+    assert requests.request(method, f"{keeper.url}{path}", headers=device, timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "word"),
+    [("/api/shipping/rate", {"rate": "fast"}, "rate"), ("/api/shipping/rate", {"rate": 0}, "above zero"),
+     ("/api/shipping/rate", {"speed": "40Mbit"}, "rate"), ("/api/shipping/rate", [1], "object"),
+     ("/api/shipping/pause", {"until": "2001-01-01T00:00:00Z"}, "future"),
+     ("/api/shipping/pause", {"until": "tomorrow"}, "RFC 3339"),
+     ("/api/shipping/pause", {"until": "2999-01-01T00:00:00"}, "offset")],
+)
+def test_bad_operator_input_is_refused_and_changes_nothing(keeper: ServiceProcess, path: str, body: object,
+                                                           word: str) -> None:
+    before = status(keeper)["control"]
+    method = "PUT" if path.endswith("rate") else "POST"
+    assert_problem(operator(keeper, method, path, body), 400, word)
+    assert status(keeper)["control"] == before
+
+
+def test_rate_and_pause_reach_the_shippers(keeper: ServiceProcess, shipper: ServiceProcess) -> None:
+    def shipper_cap() -> float:
+        return float(requests.get(f"{shipper.url}/status", timeout=10).json()["cap_bytes_per_s"])
+
+    try:
+        assert operator(keeper, "PUT", "/api/shipping/rate", {"rate": "16Mbit"}).json()["cap_bytes_per_s"] == 2e6
+        wait_until(lambda: shipper_cap() == 2e6, timeout=10, what="the override at the shipper")
+        until = "2999-01-01T00:00:00+00:00"
+        assert operator(keeper, "POST", "/api/shipping/pause", {"until": until}).json()["paused"] is True
+        wait_until(lambda: requests.get(f"{shipper.url}/status", timeout=10).json()["state"] == "paused",
+                   timeout=10, what="the pause at the shipper")
+        assert status(keeper)["shipping"] == "paused"
+    finally:
+        operator(keeper, "POST", "/api/shipping/resume")
+        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None})
+    wait_until(lambda: shipper_cap() == 4e6, timeout=10, what="back to the schedule")
+
+
+def test_status_figures_match_a_known_scenario(keeper: ServiceProcess, gateway: ServiceProcess, site: Site,
+                                               paused: None) -> None:
+    sweep(keeper)
+    before = status(keeper)
+    sizes = [100_000, 200_000, 300_000, 400_000]
+    first_upload = time.time()
+    upload_many(gateway.url, len(sizes), device="cam-figures", size=sizes)
+    sweep(keeper)
+    figures = status(keeper)
+    assert figures["backlog_objects"] - before["backlog_objects"] == 4
+    assert figures["backlog_bytes"] - before["backlog_bytes"] == sum(sizes)
+    assert 0 <= figures["oldest_unshipped_age_s"] <= time.time() - first_upload + 2
+    # The ingest rate is over the last minute: these uploads alone make sum/60.
+    assert figures["ingest_bytes_per_s"] >= sum(sizes) / 60
+    assert figures["shipping"] == "paused" and figures["cap_bytes_per_s"] == 0
+    assert figures["eta_drain_s"] is None  # paused: it does not drain
+    assert figures["devices"] >= 1 and "cam-figures" not in figures["silent_devices"]
+    assert figures["store_used_bytes"] >= sum(sizes)
+    assert figures["store_capacity_bytes"] == 10**12
+    assert figures["admission"]["open"] is True
+
+    assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
+    resumed = status(keeper)
+    # Draining at the 4 MB/s cap less what arrives (the last minute's ingest).
+    expected = resumed["backlog_bytes"] / (4e6 - resumed["ingest_bytes_per_s"])
+    assert resumed["eta_drain_s"] == pytest.approx(expected, abs=0.2)
+
+
+def test_an_object_stored_without_a_message_is_shipped_by_the_reconciler(
+    keeper: ServiceProcess, shipper: ServiceProcess, site: Site
+) -> None:
+    image = jpeg(30_000)
+    sha = hashlib.sha256(image).hexdigest()
+    photo_id = photos.photo_id("cam-orphan", datetime.now(UTC), sha)
+    # As a gateway that died between its write and its publish leaves it.
+    site.local_client().put_object(
+        Bucket=site.store_bucket, Key=photos.object_key(photo_id), Body=image, ContentType="image/jpeg",
+        Metadata={"sha256": sha, "device-id": "cam-orphan", "captured-at": "2026-01-01T00:00:00.000000Z",
+                  "received-at": "2026-01-01T00:00:00.000000Z"})
+    # Sweeps run every 3 s on their own: the photo reaches S3 within a few of them.
+    wait_until(lambda: _in_remote(site, photo_id), timeout=30, what="the orphan in S3", interval=1)
+
+
+def test_a_purged_queue_is_refilled_but_a_healthy_backlog_is_not_duplicated(
+    keeper: ServiceProcess, gateway: ServiceProcess, shipper: ServiceProcess, site: Site
+) -> None:
+    assert operator(keeper, "POST", "/api/shipping/pause").status_code == 200
+    try:
+        expected = upload_many(gateway.url, 12, device="cam-purge", size=20_000)
+        wait_until(lambda: ship_queue_depth(site) == 12, timeout=10, what="12 queued")
+        for _ in range(2):  # a healthy backlog: sweeps add nothing
+            sweep(keeper)
+        assert ship_queue_depth(site) == 12
+
+        reconciled = metric_value(keeper.url, "photoferry_store_reconciled_total")
+        site.rabbit.management("DELETE", f"queues/{site.name}/{topology.SHIP_QUEUE}/contents")  # synchronous
+        wait_until(lambda: metric_value(keeper.url, "photoferry_store_reconciled_total") >= reconciled + 12,
+                   timeout=20, what="the backlog re-enqueued", interval=1)
+        sweep(keeper)
+        assert metric_value(keeper.url, "photoferry_store_reconciled_total") == reconciled + 12
+        wait_until(lambda: ship_queue_depth(site) == 12, timeout=10, what="the queue refilled")
+    finally:
+        assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
+    wait_until(lambda: all(_in_remote(site, i) for i in expected), timeout=60, what="all shipped", interval=1)
+
+
+def test_retention_deletes_only_shipped_copies_older_than_the_retention(
+    keeper: ServiceProcess, gateway: ServiceProcess, shipper: ServiceProcess, site: Site
+) -> None:
+    shipped = upload_many(gateway.url, 2, device="cam-retained", size=20_000)
+    wait_until(lambda: all(_in_remote(site, i) for i in shipped), timeout=30, what="shipped", interval=1)
+    assert operator(keeper, "POST", "/api/shipping/pause").status_code == 200
+    try:
+        waiting = upload_many(gateway.url, 2, device="cam-waiting", size=20_000)
+        # Retention is 3 s and sweeps run every 3 s.
+        wait_until(lambda: not any(_local(site, i) for i in shipped), timeout=30,
+                   what="shipped copies deleted after the retention", interval=1)
+        assert all(_local(site, i) for i in waiting), "an unshipped copy was deleted"
+        state = requests.get(f"{gateway.url}/v1/photos/{next(iter(shipped))}", headers=auth("cam-retained"),
+                             timeout=10).json()
+        assert state["status"] == "shipped"  # the marker remembers
+    finally:
+        assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
+
+
+def test_parked_photos_are_listed_with_reasons_and_replayed(keeper: ServiceProcess, shipper: ServiceProcess,
+                                                             site: Site) -> None:
+    photo_id = photos.photo_id("cam-gone", datetime(2026, 2, 2, tzinfo=UTC), "1" * 64)
+    message = photos.PhotoMessage(
+        id=photo_id, key=photos.object_key(photo_id), size=10, sha256="1" * 64, content_type="image/jpeg",
+        device_id="cam-gone", captured_at="2026-02-02T00:00:00.000000Z", received_at="2026-02-02T00:00:00.000000Z")
+
+    async def publish() -> None:
+        connection = await aio_pika.connect(site.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(topology.PHOTOS_EXCHANGE)
+            await exchange.publish(aio_pika.Message(message.to_json()), topology.SHIP_ROUTING_KEY)
+
+    asyncio.run(publish())
+
+    def listed() -> list:  # type: ignore[type-arg]
+        return [p for p in operator(keeper, "GET", "/api/parked").json()["parked"] if p["id"] == message.id]
+
+    wait_until(lambda: listed(), timeout=30, what="the parked photo listed")
+    assert "no local object" in listed()[0]["reason"]
+    assert operator(keeper, "POST", "/api/parked/replay").json()["replayed"] >= 1
+    # Still no local object: it is parked again, with its reason.
+    wait_until(lambda: listed(), timeout=30, what="parked again")
+
+
+def test_gateways_refuse_uploads_past_the_high_watermark_and_take_them_under_the_low(
+    site: Site, logs: Path
+) -> None:
+    # A site of its own (vhost and bucket) with a store of 2 MB: uploads stop at 1 MB
+    # used and resume under 0.5 MB.
+    site.rabbit.add_vhost(f"{site.name}-full")
+    ensure_bucket(site.local_client(), f"{site.store_bucket}-full")
+    env = site.env(PHOTOFERRY_AMQP_URL=site.rabbit.url_for(f"{site.name}-full"),
+                   PHOTOFERRY_STORE_BUCKET=f"{site.store_bucket}-full", PHOTOFERRY_STORE_CAPACITY="2MB",
+                   PHOTOFERRY_STORE_HIGH_WATERMARK="0.5", PHOTOFERRY_STORE_LOW_WATERMARK="0.25",
+                   PHOTOFERRY_RECONCILE_EVERY="2s", PHOTOFERRY_RETAIN="1h", PHOTOFERRY_SHIP_RATE="10MB")
+    keeper = start_service("store", env, logs)
+    gateway = start_service("gateway", env, logs)
+    shipper = start_service("shipper", env, logs)
+    try:
+        assert operator(keeper, "POST", "/api/shipping/pause").status_code == 200
+        accepted: list[str] = []
+
+        def refused() -> bool:
+            response = upload(gateway.url, photo("cam-full", jpeg(100_000)))
+            if response.status_code == 201:
+                accepted.append(response.json()["id"])
+                return False
+            assert_problem(response, 503, "full")
+            assert int(response.headers["Retry-After"]) > 0
+            return True
+
+        wait_until(refused, timeout=60, what="uploads refused", interval=0.3)
+        assert len(accepted) >= 9
+        assert status(keeper)["admission"]["open"] is False
+
+        # Shipping again: shipped copies are evicted early, usage falls under the low watermark.
+        assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
+        wait_until(lambda: upload(gateway.url, photo("cam-full", jpeg(50_000))).status_code == 201,
+                   timeout=90, what="uploads taken again", interval=1)
+        wait_until(lambda: all(_in_remote(site, i) for i in accepted), timeout=60, what="nothing lost", interval=1)
+    finally:
+        for service in (shipper, gateway, keeper):
+            stop_cleanly(service)
+
+
+def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess, gateway: ServiceProcess,
+                                                         tmp_path: Path) -> None:
+    upload_many(gateway.url, 2, device="cam-page", size=20_000)
+    sweep(keeper)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1100})
+            page.goto(f"{keeper.url}/#token={ADMIN_TOKEN}")
+            page.wait_for_function("document.body.dataset.loaded === 'yes'", timeout=20_000)
+            assert int(page.inner_text("#devices")) >= 1
+            assert page.inner_text("#shipping") in ("running", "paused", "breaker open")
+            # Charts: the page adds a point every refresh (5 s); wait for a line of two.
+            page.wait_for_function(
+                "document.querySelector('#egress-chart polyline[data-series=cap]') &&"
+                " document.querySelector('#egress-chart polyline[data-series=cap]').getAttribute('points')"
+                ".split(' ').length >= 2", timeout=30_000)
+            shot = page.locator("#egress-chart").screenshot(path=str(tmp_path / "egress-chart.png"))
+            raw = Image.open(BytesIO(shot)).convert("RGB").tobytes()
+            cap_colour = (0xC7, 0x77, 0x00)
+            drawn = sum(1 for pixel in zip(raw[0::3], raw[1::3], raw[2::3], strict=True)
+                        if all(abs(a - b) < 40 for a, b in zip(pixel, cap_colour, strict=True)))
+            assert drawn > 50, "the cap line was not drawn"
+            # The token stays out of the address bar once read.
+            assert "token" not in page.url
+        finally:
+            browser.close()
+
+
+def _in_remote(site: Site, photo_id: str) -> bool:
+    client = site.remote_client()
+    try:
+        client.head_object(Bucket=site.remote_bucket, Key="site-test/" + photos.object_key(photo_id))
+    except client.exceptions.ClientError:
+        return False
+    return True
+
+
+def _local(site: Site, photo_id: str) -> bool:
+    return bool(site.local_keys(photos.object_key(photo_id)))
+
+
+def photoferry(keeper: ServiceProcess, *args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PHOTOFERRY_STORE_URL": keeper.url}
+    env.pop("PHOTOFERRY_ADMIN_TOKEN", None)
+    if token is not None:
+        env["PHOTOFERRY_ADMIN_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_the_operator_command_line(keeper: ServiceProcess, shipper: ServiceProcess) -> None:
+    shown = photoferry(keeper, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "backlog" in shown.stdout and "shipping" in shown.stdout
+    assert json.loads(photoferry(keeper, "status", "--json").stdout)["store_capacity_bytes"] == 10**12
+    try:
+        assert "2.0 MB/s" in photoferry(keeper, "rate", "16Mbit").stdout
+        assert status(keeper)["cap_bytes_per_s"] == 2e6
+        assert photoferry(keeper, "pause", "--until", "2999-01-01T00:00:00Z").returncode == 0
+        assert status(keeper)["shipping"] == "paused"
+        assert photoferry(keeper, "resume").returncode == 0
+        assert photoferry(keeper, "rate", "--schedule").returncode == 0
+        assert status(keeper)["cap_bytes_per_s"] == 4e6
+    finally:
+        operator(keeper, "POST", "/api/shipping/resume")
+        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None})
+    assert photoferry(keeper, "parked").returncode == 0
+    refused = photoferry(keeper, "rate", "lots")
+    assert refused.returncode == 2 and "400" in refused.stderr
+    anonymous = photoferry(keeper, "status", token=None)
+    assert anonymous.returncode == 2 and "PHOTOFERRY_ADMIN_TOKEN" in anonymous.stderr
+    wrong = photoferry(keeper, "status", token="wrong")
+    assert wrong.returncode == 2 and "401" in wrong.stderr
