@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test lint bench bench-gateway bench-shipper definitions lock clean
+.PHONY: up test lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -40,7 +40,11 @@ bench-shipper: $(INSTALLED)
 	./devtools/system-deps.sh rclone
 	$(BIN)/python -m bench.shipper_cap
 
-bench: bench-gateway bench-shipper
+## bench-keeper: what one store sweep costs at a million photos (CPU, memory, requests)
+bench-keeper: $(INSTALLED)
+	$(BIN)/python -m bench.keeper_sweep
+
+bench: bench-gateway bench-shipper bench-keeper
 
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.proxy import CountingProxy
 from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port
 from tests.helpers import DEVICE_SECRET, Site
 
@@ -48,6 +49,20 @@ def remote_s3(servers_dir: Path) -> Iterator[S3Server]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:30]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test module's services write their logs."""
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def proxy(remote_s3: S3Server) -> Iterator[CountingProxy]:
+    """A byte-counting proxy in front of the remote S3, for one test module."""
+    proxy = CountingProxy("127.0.0.1", remote_s3.port).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="module")

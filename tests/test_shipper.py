@@ -14,7 +14,7 @@ import requests
 from botocore.exceptions import ClientError
 
 from devtools.proxy import CountingProxy
-from devtools.servers import S3Server, ServiceProcess, wait_until
+from devtools.servers import ServiceProcess, wait_until
 from services.common import parking, photos, topology
 from services.common.broker import Broker
 from services.common.localstore import LocalStore
@@ -25,18 +25,6 @@ from tests.helpers import Site, auth, remote_keys, set_control, store_settings, 
 pytestmark = pytest.mark.servers
 
 PREFIX = "site-test/"
-
-
-@pytest.fixture(scope="module")
-def proxy(remote_s3: S3Server) -> Iterator[CountingProxy]:
-    proxy = CountingProxy("127.0.0.1", remote_s3.port).start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="module")

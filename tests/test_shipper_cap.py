@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from devtools.proxy import CountingProxy, mean_rate, peak_rate
-from devtools.servers import S3Server, ServiceProcess, wait_until
+from devtools.servers import ServiceProcess, wait_until
 from services.common import photos
 from services.common.shipping import ShippingControl
 from tests.conftest import start_service, stop_cleanly
@@ -28,20 +28,8 @@ LARGE = [4_000_000, 9 * 2**20, 6_000_000]  # one above the multipart threshold
 
 
 @pytest.fixture(scope="module")
-def proxy(remote_s3: S3Server) -> Iterator[CountingProxy]:
-    proxy = CountingProxy("127.0.0.1", remote_s3.port).start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture(scope="module")
 def env(site: Site, proxy: CountingProxy) -> dict[str, str]:
     return site.env(PHOTOFERRY_S3_ENDPOINT=proxy.endpoint, PHOTOFERRY_SHIP_RATE=str(CAP))
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="module")

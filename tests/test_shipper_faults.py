@@ -25,11 +25,6 @@ PREFIX = "site-test/"
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module")
 def gateway(site: Site, logs: Path) -> Iterator[ServiceProcess]:
     service = start_service("gateway", site.env(), logs)
     yield service

@@ -32,11 +32,6 @@ OPERATOR = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("logs")
-
-
-@pytest.fixture(scope="module")
 def env(site: Site) -> dict[str, str]:
     return site.env(PHOTOFERRY_SHIP_RATE="4MB", PHOTOFERRY_RECONCILE_EVERY="3s", PHOTOFERRY_RETAIN="3s")
 

@@ -119,6 +119,11 @@ class Heartbeat:
         return orjson.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, body: bytes) -> Heartbeat:
-        data: dict[str, Any] = orjson.loads(body)
-        return cls(**data)
+    def from_json(cls, body: bytes) -> Heartbeat | None:
+        """Parse a heartbeat; None (and a warning) when it is not one, e.g. from another version."""
+        try:
+            data: dict[str, Any] = orjson.loads(body)
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            log.warning("unreadable heartbeat", extra={"error": str(exc)})
+            return None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -16,7 +14,7 @@ from aiohttp import web
 
 from services.common.admission import read_admission
 from services.common.broker import Broker
-from services.common.config import ConfigError, GatewayConfig
+from services.common.config import GatewayConfig
 from services.common.httpserver import (
     SERVER_STATE,
     ServerState,
@@ -24,12 +22,10 @@ from services.common.httpserver import (
     metrics_handler,
     readiness_handler,
     request_middleware,
-    run,
 )
 from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.logs import setup_logging
 from services.common.problems import problem_middleware
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.service import run_service
 from services.gateway import handlers
 from services.gateway.budget import InflightBudget
 from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE, AdmissionView
@@ -105,13 +101,4 @@ async def _admission_watch(app: web.Application) -> AsyncIterator[None]:
 
 
 def main() -> None:
-    try:
-        config = GatewayConfig.from_env(os.environ)
-    except ConfigError as exc:
-        sys.exit(f"photoferry gateway: configuration error: {exc}")
-    setup_logging(config.logging)
-    tracer_provider = setup_tracing("photoferry-gateway", config.tracing)
-    try:
-        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout)
-    finally:
-        shutdown_tracing(tracer_provider)
+    run_service("gateway", GatewayConfig.from_env, create_app)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from services.common.broker import Broker
-from services.common.config import ConfigError, ShipperConfig
+from services.common.config import ShipperConfig
 from services.common.httpserver import (
     SERVER_STATE,
     ServerState,
@@ -18,13 +17,11 @@ from services.common.httpserver import (
     metrics_handler,
     readiness_handler,
     request_middleware,
-    run,
 )
 from services.common.localstore import LocalStore
-from services.common.logs import setup_logging
 from services.common.problems import problem_middleware
 from services.common.s3 import s3_client
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.service import run_service
 from services.shipper.consumer import Shipper
 from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
@@ -85,13 +82,4 @@ async def status(request: web.Request) -> web.Response:
 
 
 def main() -> None:
-    try:
-        config = ShipperConfig.from_env(os.environ)
-    except ConfigError as exc:
-        sys.exit(f"photoferry shipper: configuration error: {exc}")
-    setup_logging(config.logging)
-    tracer_provider = setup_tracing("photoferry-shipper", config.tracing)
-    try:
-        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout)
-    finally:
-        shutdown_tracing(tracer_provider)
+    run_service("shipper", ShipperConfig.from_env, create_app)

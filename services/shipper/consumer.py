@@ -208,12 +208,8 @@ class Shipper:
         self._wake()
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
-        try:
-            peer = Heartbeat.from_json(message.body)
-        except (ValueError, TypeError) as exc:
-            log.warning("unreadable heartbeat", extra={"error": str(exc)})
-            return
-        if peer.replica == self.replica:
+        peer = Heartbeat.from_json(message.body)
+        if peer is None or peer.replica == self.replica:
             return
         was_busy = self._peers.get(peer.replica, (False, 0.0))[0]
         self._peers[peer.replica] = (peer.busy, time.monotonic())

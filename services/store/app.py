@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from services.common.broker import Broker
-from services.common.config import ConfigError, StoreKeeperConfig
+from services.common.config import StoreKeeperConfig
 from services.common.httpserver import (
     SERVER_STATE,
     ServerState,
@@ -18,13 +16,11 @@ from services.common.httpserver import (
     metrics_handler,
     readiness_handler,
     request_middleware,
-    run,
 )
 from services.common.localstore import LocalStore
-from services.common.logs import setup_logging
 from services.common.problems import problem_middleware
 from services.common.s3 import s3_client
-from services.common.telemetry import setup_tracing, shutdown_tracing
+from services.common.service import run_service
 from services.store import api
 from services.store.keeper import Keeper
 from services.store.metrics import KeeperMetrics
@@ -64,13 +60,4 @@ async def _keeping(app: web.Application) -> AsyncIterator[None]:
 
 
 def main() -> None:
-    try:
-        config = StoreKeeperConfig.from_env(os.environ)
-    except ConfigError as exc:
-        sys.exit(f"photoferry store keeper: configuration error: {exc}")
-    setup_logging(config.logging)
-    tracer_provider = setup_tracing("photoferry-store", config.tracing)
-    try:
-        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout)
-    finally:
-        shutdown_tracing(tracer_provider)
+    run_service("store keeper", StoreKeeperConfig.from_env, create_app)
