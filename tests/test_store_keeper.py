@@ -364,3 +364,15 @@ def test_the_operator_command_line(keeper: ServiceProcess, shipper: ServiceProce
     assert anonymous.returncode == 2 and "PHOTOFERRY_ADMIN_TOKEN" in anonymous.stderr
     wrong = photoferry(keeper, "status", token="wrong")
     assert wrong.returncode == 2 and "401" in wrong.stderr
+
+
+def test_a_token_with_bytes_that_are_not_utf8_is_refused_not_an_error(keeper: ServiceProcess) -> None:
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", keeper.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3(\r\n\r\n")
+        head = sock.recv(4096)
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 401"), head[:80]

@@ -43,7 +43,8 @@ async def operator_auth(request: web.Request, handler: Any) -> web.StreamRespons
         if scheme.lower() != "bearer" or not given:
             raise Problem(401, "the operator token is required: Authorization: Bearer <token>",
                           headers=_WWW_AUTHENTICATE)
-        if not hmac.compare_digest(given.strip().encode(), expected):
+        # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not an error.
+        if not hmac.compare_digest(given.strip().encode(errors="surrogateescape"), expected):
             raise Problem(401, "the operator token is not valid", headers=_WWW_AUTHENTICATE)
     return await handler(request)
 
