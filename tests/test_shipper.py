@@ -20,7 +20,7 @@ from services.common.broker import Broker
 from services.common.localstore import LocalStore
 from services.common.shipping import ShippingControl
 from tests.conftest import start_service, stop_cleanly
-from tests.helpers import Site, auth, remote_keys, set_control, store_settings, upload_many
+from tests.helpers import Site, auth, jpeg, photo, remote_keys, set_control, store_settings, upload, upload_many
 
 pytestmark = pytest.mark.servers
 
@@ -108,6 +108,27 @@ def test_a_duplicate_message_uploads_nothing(gateway: ServiceProcess, shipper: S
         wait_until(lambda: _marked(site, photo_id) and _queue_empty(site), timeout=30, what="duplicate handled")
         assert proxy.total() - sent_before < 10_000, "the photo was uploaded a second time"
     assert remote_sha256(site, photo_id) == expected[photo_id]
+
+
+def test_a_device_retrying_a_queued_photo_gets_it_uploaded_once(gateway: ServiceProcess, shipper: ServiceProcess,
+                                                                site: Site, proxy: CountingProxy) -> None:
+    # Each retry of a photo not yet shipped queues it again; the copies arrive together.
+    image = jpeg(400_000)
+    fields = photo("cam-retry", image)
+    try:
+        set_control(site, ShippingControl(paused=True))
+        wait_until(lambda: status(shipper)["state"] == "paused", timeout=10, what="pause")
+        answers = [upload(gateway.url, fields) for _ in range(4)]
+        assert [a.status_code for a in answers] == [201, 200, 200, 200]
+        assert len({a.json()["id"] for a in answers}) == 1
+        wait_until(lambda: _ready_messages(site) >= 4, timeout=10, what="four messages for one photo")
+        sent_before = proxy.total()
+    finally:
+        set_control(site, ShippingControl())
+    photo_id = answers[0].json()["id"]
+    wait_until(lambda: _marked(site, photo_id) and _queue_empty(site), timeout=30, what="photo shipped")
+    assert proxy.total() - sent_before < 1.5 * len(image), "the photo was uploaded more than once"
+    assert remote_sha256(site, photo_id) == hashlib.sha256(image).hexdigest()
 
 
 def test_pause_and_rate_override_reach_a_running_shipper(gateway: ServiceProcess, shipper: ServiceProcess,

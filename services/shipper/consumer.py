@@ -17,16 +17,21 @@ turns busy waits until the others have heard so (JOIN_DELAY_S) before it sends,
 so the shares never add up to more than the cap; while photos wait in the queue
 it stays busy for BUSY_GRACE_S after its last one, so a steady stream does not
 pay that wait, and when none wait it turns idle at once.
+
+Messages for one photo can arrive together (a device retrying a photo that is
+still queued queues it again): a replica ships them one after the other, so the
+later ones find the photo marked shipped instead of uploading it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -68,6 +73,30 @@ BROKER_TIMEOUT_S = 10.0
 ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
 
 
+class PhotoLocks:
+    """One lock per photo id, kept only while a message holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, photo_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(photo_id, (asyncio.Lock(), 0))
+        self._locks[photo_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[photo_id]
+            if users == 1:
+                del self._locks[photo_id]
+            else:
+                self._locks[photo_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class Shipper:
     def __init__(
         self,
@@ -107,6 +136,7 @@ class Shipper:
         self._may_send = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._photo_locks = PhotoLocks()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -380,6 +410,10 @@ class Shipper:
             await self._park(message, job.id, f"delivered {deliveries + 1} times without an acknowledgement "
                              "(a shipper may crash on it)", attempt)
             return
+        async with self._photo_locks.hold(job.id):
+            await self._ship_job(message, job, attempt)
+
+    async def _ship_job(self, message: AbstractIncomingMessage, job: photos.PhotoMessage, attempt: int) -> None:
         started = time.monotonic()
         try:
             if await self.store.exists(photos.shipped_marker_key(job.id)):
