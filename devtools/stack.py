@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import secrets
 import signal
@@ -62,9 +63,11 @@ def _preferred_port(port: int) -> int:
     return port if port_is_free(port) else 0
 
 
-def _follow(name: str, logfile: Path) -> None:
-    """Echo a service's log to the terminal, prefixed with its name."""
-    with open(logfile, errors="replace") as log:
+def _follow(name: str, logfile: Path, offset: int) -> None:
+    """Echo a service's log from ``offset`` on to the terminal, prefixed with its name."""
+    with open(logfile, "rb") as raw:
+        raw.seek(offset)
+        log = io.TextIOWrapper(raw, errors="replace")
         while True:
             line = log.readline()
             if not line:
@@ -101,8 +104,10 @@ class Stack:
 
     def start_service(self, name: str, env: dict[str, str], port: int) -> None:
         service = ServiceProcess(name, env, port=port, logfile=self.workdir / "logs" / f"{name}.log")
+        # The log file outlives a run; echo only what this run writes.
+        earlier = service.logfile.stat().st_size if service.logfile.exists() else 0
         service.start()
-        threading.Thread(target=_follow, args=(name, service.logfile), daemon=True).start()
+        threading.Thread(target=_follow, args=(name, service.logfile, earlier), daemon=True).start()
         self.services[name] = service
         self.started.append((name, service))
 
