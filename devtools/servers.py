@@ -235,6 +235,11 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def metrics_url(self) -> str | None:
+        """MinIO's cluster metrics (the disk's figures); moto has none."""
+        return f"{self.endpoint}/minio/v2/metrics/cluster" if self.kind == "minio" else None
+
     def start(self, timeout: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "server.out", "ab")
@@ -242,7 +247,7 @@ class S3Server:
             command = ["minio", "server", str(self.workdir / "data"),
                        "--address", f"127.0.0.1:{self.port}", "--quiet"]
             env = {**os.environ, "MINIO_ROOT_USER": self.access_key,
-                   "MINIO_ROOT_PASSWORD": self.secret_key}
+                   "MINIO_ROOT_PASSWORD": self.secret_key, "MINIO_PROMETHEUS_AUTH_TYPE": "public"}
         else:
             command = [sys.executable, "-m", "devtools.moto_keepalive", "--port", str(self.port)]
             env = dict(os.environ)

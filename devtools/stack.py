@@ -160,6 +160,8 @@ def main() -> None:
             "PHOTOFERRY_SHIP_RATE": os.environ.get("PHOTOFERRY_SHIP_RATE", "40Mbit"),
             "PHOTOFERRY_RECONCILE_EVERY": os.environ.get("PHOTOFERRY_RECONCILE_EVERY", "30s"),
         }
+        if local.metrics_url:
+            env["PHOTOFERRY_STORE_METRICS_URL"] = local.metrics_url
         env.update({f"PHOTOFERRY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
         for name in SERVICES:
             if (REPO / "services" / name / "__main__.py").exists():

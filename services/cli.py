@@ -78,8 +78,11 @@ def _status(config: CliConfig, args: argparse.Namespace) -> int:
         f"rates        in {rate(s['ingest_bytes_per_s'])}, out {rate(s['egress_bytes_per_s'])}, "
         f"cap {rate(s['cap_bytes_per_s'])}",
         f"drains in    {_duration(s['eta_drain_s']) if s['backlog_bytes'] else 'drained'}",
-        f"store        {format_bytes(s['store_used_bytes'])} of {format_bytes(s['store_capacity_bytes'])}, "
-        f"full in {_duration(s['store_full_eta_s'])}; "
+        f"store        {s['store_fill']:.0%} full: {format_bytes(s['store_used_bytes'])} of "
+        f"{format_bytes(s['store_capacity_bytes'])}"
+        + ("" if s["store_disk_total_bytes"] is None else
+           f", disk {format_bytes(s['store_disk_free_bytes'])} free of {format_bytes(s['store_disk_total_bytes'])}")
+        + f", full in {_duration(s['store_full_eta_s'])}; "
         + ("taking uploads" if s["admission"]["open"] else f"REFUSING uploads: {s['admission']['reason']}"),
         f"shipping     {s['shipping']}, {len(s['shippers'])} shipper(s)"
         + ("; the link is slower than the cap" if s["link_limited"] else ""),

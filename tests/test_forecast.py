@@ -8,6 +8,7 @@ import pytest
 
 from services.common.schedule import RateSchedule
 from services.common.shipping import ShippingControl
+from services.store.disk import Disk, Usage
 from services.store.forecast import drain_eta_s, full_eta_s
 
 MB = 1_000_000
@@ -48,5 +49,12 @@ def test_a_slow_link_sets_the_pace() -> None:
 
 
 def test_store_fills_at_ingest_less_deletions() -> None:
-    assert full_eta_s(1_000 * MB, 2_000 * MB, 8 * MB, 3 * MB) == pytest.approx(200)
-    assert full_eta_s(1_000 * MB, 2_000 * MB, 3 * MB, 3 * MB) is None
+    usage = Usage(photo_bytes=1_000 * MB, capacity_bytes=2_000 * MB)
+    assert full_eta_s(usage, 8 * MB, 3 * MB) == pytest.approx(200)
+    assert full_eta_s(usage, 3 * MB, 3 * MB) is None
+
+
+def test_the_disk_fills_first_when_it_has_less_room_than_the_budget() -> None:
+    disk = Disk(total_bytes=1_500 * MB, free_bytes=250 * MB, read_at=0.0)
+    usage = Usage(photo_bytes=1_000 * MB, capacity_bytes=2_000 * MB, disk=disk)
+    assert full_eta_s(usage, 8 * MB, 3 * MB) == pytest.approx(50)

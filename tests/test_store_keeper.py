@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -284,6 +286,86 @@ def test_gateways_refuse_uploads_past_the_high_watermark_and_take_them_under_the
     finally:
         for service in (shipper, gateway, keeper):
             stop_cleanly(service)
+
+
+class MinioMetricsStandIn:
+    """MinIO's cluster metrics page with figures the test sets (MinIO itself cannot run here)."""
+
+    TOKEN = "minio-metrics-token"
+
+    def __init__(self) -> None:
+        self.total, self.free = 1_000_000_000, 500_000_000
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {stand_in.TOKEN}":
+                    self.send_response(403)
+                    self.end_headers()
+                    return
+                body = (f"# TYPE minio_cluster_capacity_usable_total_bytes gauge\n"
+                        f'minio_cluster_capacity_usable_total_bytes{{server="minio:9000"}} {stand_in.total}\n'
+                        f"# TYPE minio_cluster_capacity_usable_free_bytes gauge\n"
+                        f'minio_cluster_capacity_usable_free_bytes{{server="minio:9000"}} {stand_in.free}\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/minio/v2/metrics/cluster"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_disk_filling_for_other_reasons_closes_admission_too(site: Site, logs: Path) -> None:
+    # The photo budget is roomy (1 TB); the disk under the store is what fills.
+    minio = MinioMetricsStandIn()
+    site.rabbit.add_vhost(f"{site.name}-disk")
+    ensure_bucket(site.local_client(), f"{site.store_bucket}-disk")
+    env = site.env(PHOTOFERRY_AMQP_URL=site.rabbit.url_for(f"{site.name}-disk"),
+                   PHOTOFERRY_STORE_BUCKET=f"{site.store_bucket}-disk", PHOTOFERRY_STORE_CAPACITY="1TB",
+                   PHOTOFERRY_STORE_METRICS_URL=minio.url, PHOTOFERRY_STORE_METRICS_TOKEN=minio.TOKEN,
+                   PHOTOFERRY_RECONCILE_EVERY="2s")
+    keeper = start_service("store", env, logs)
+    gateway = start_service("gateway", env, logs)
+    try:
+        wait_until(lambda: status(keeper)["store_disk_free_bytes"] == 500_000_000, timeout=20, what="disk read")
+        assert status(keeper)["store_fill"] == pytest.approx(0.5)
+        first = upload(gateway.url, photo("cam-disk", jpeg(20_000)))
+        assert first.status_code == 201, first.text
+
+        minio.free = 50_000_000  # 95% used, past the 90% high watermark
+
+        def refused() -> bool:
+            response = upload(gateway.url, photo("cam-disk", jpeg(20_000)))
+            if response.status_code == 201:
+                return False
+            assert_problem(response, 503, "full", "disk")
+            return True
+        wait_until(refused, timeout=40, what="uploads refused on a full disk", interval=0.5)
+        figures = status(keeper)
+        assert figures["admission"]["open"] is False and figures["store_disk_free_bytes"] == 50_000_000
+
+        minio.free = 150_000_000  # 85%: under the high watermark but not the low one (80%)
+        wait_until(lambda: status(keeper)["store_disk_free_bytes"] == 150_000_000, timeout=20, what="disk re-read")
+        assert status(keeper)["admission"]["open"] is False  # decided with that reading: hysteresis
+        minio.free = 300_000_000  # 70%
+        wait_until(lambda: upload(gateway.url, photo("cam-disk", jpeg(20_000))).status_code == 201,
+                   timeout=40, what="uploads taken again", interval=0.5)
+        assert site.local_client().head_object(Bucket=f"{site.store_bucket}-disk",
+                                               Key=photos.object_key(first.json()["id"]))
+    finally:
+        for service in (gateway, keeper):
+            stop_cleanly(service)
+        minio.close()
 
 
 def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess, gateway: ServiceProcess,

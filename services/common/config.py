@@ -268,6 +268,8 @@ class StoreKeeperConfig:
     reconcile_every: float
     retain: float  # shipped local copies are kept this long after they were stored
     capacity: int
+    store_metrics_url: str | None  # MinIO's cluster metrics, for the disk's own figures
+    store_metrics_token: str | None
     high_watermark: float
     low_watermark: float
     silent_after: float
@@ -292,6 +294,8 @@ class StoreKeeperConfig:
         reconcile_every = parsed(env, "PHOTOFERRY_RECONCILE_EVERY", parse_duration, "1m")
         if reconcile_every <= 0:
             raise ConfigError("PHOTOFERRY_RECONCILE_EVERY: must be above zero")
+        metrics_url = endpoint_url(env, "PHOTOFERRY_STORE_METRICS_URL") if env.get(
+            "PHOTOFERRY_STORE_METRICS_URL", "").strip() else None
         return cls(
             port=port(env, "PHOTOFERRY_STORE_PORT", 8081),
             amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
@@ -300,6 +304,8 @@ class StoreKeeperConfig:
             reconcile_every=reconcile_every,
             retain=parsed(env, "PHOTOFERRY_RETAIN", parse_duration, "7d"),
             capacity=capacity,
+            store_metrics_url=metrics_url,
+            store_metrics_token=env.get("PHOTOFERRY_STORE_METRICS_TOKEN", "").strip() or None,
             high_watermark=high,
             low_watermark=low,
             silent_after=parsed(env, "PHOTOFERRY_SILENT_AFTER", parse_duration, "10m"),

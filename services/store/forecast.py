@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 from services.common.schedule import RateSchedule
 from services.common.shipping import ShippingControl
+from services.store.disk import Usage
 
 HORIZON = timedelta(days=7)
 
@@ -42,13 +43,15 @@ def drain_eta_s(
     return None
 
 
-def full_eta_s(used_bytes: float, capacity_bytes: float, ingest_bytes_per_s: float,
-               deleted_bytes_per_s: float) -> float | None:
-    """Seconds until the store is full at these rates, or None while it is not filling."""
+def full_eta_s(usage: Usage, ingest_bytes_per_s: float, deleted_bytes_per_s: float) -> float | None:
+    """Seconds until the store is full (budget or disk, whichever comes first), or None while not filling."""
     growth = ingest_bytes_per_s - deleted_bytes_per_s
     if growth <= 0:
         return None
-    return max(0.0, (capacity_bytes - used_bytes) / growth)
+    room = usage.capacity_bytes - usage.photo_bytes
+    if usage.disk is not None:
+        room = min(room, usage.disk.free_bytes)
+    return max(0.0, room / growth)
 
 
 def _pieces(schedule: RateSchedule, control: ShippingControl, now: datetime,

@@ -7,9 +7,11 @@
   deficit is re-enqueued, so a long healthy backlog causes no duplicates. The
   photos that never had a message go first, then the oldest.
 - Capacity: between sweeps usage is the last sweep's plus what has been queued
-  since. Past the high watermark a sweep evicts shipped copies early; if usage
-  is still past it, admission closes (every gateway answers 503) until usage is
-  under the low watermark.
+  since, against ``PHOTOFERRY_STORE_CAPACITY`` and, when MinIO's metrics are
+  configured, against the disk itself (whichever is fuller, ``disk.Usage``).
+  Past the high watermark a sweep evicts shipped copies early; if usage is still
+  past it, admission closes (every gateway answers 503) until usage is under the
+  low watermark.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.s3 import ensure_bucket
 from services.common.shipping import ShippingControl, read_control
+from services.store.disk import Disk, DiskGauge, DiskUnavailable, Usage
 from services.store.forecast import drain_eta_s, full_eta_s
 from services.store.metrics import KeeperMetrics
 from services.store.sweep import SweepResult, sweep
@@ -72,6 +75,10 @@ class Keeper:
         self._sweep_lock = asyncio.Lock()
         self._sweep_now = asyncio.Event()
         self._evict_bytes = 0
+        self.disk_gauge = (DiskGauge(config.store_metrics_url, token=config.store_metrics_token,
+                                     timeout=config.store.timeout) if config.store_metrics_url else None)
+        self._disk: Disk | None = None
+        self._disk_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._poll_channel: Any = None
 
@@ -96,6 +103,8 @@ class Keeper:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._save_history()
+        if self.disk_gauge is not None:
+            await self.disk_gauge.close()
 
     def _provision(self) -> None:
         """The bucket exists, and uploads a crashed writer left unfinished are cleaned up."""
@@ -242,15 +251,36 @@ class Keeper:
             return 0
         return int(self.last_sweep.photo_bytes + self.tap.ingest_bytes.total - self._ingest_at_sweep)
 
+    def usage(self) -> Usage:
+        """Usage now; the disk's figures count while they are fresh."""
+        disk = self._disk if self._disk is not None and self._disk.fresh(time.monotonic()) else None
+        return Usage(photo_bytes=self.used_bytes(), capacity_bytes=self.config.capacity, disk=disk)
+
+    async def _read_disk(self) -> None:
+        if self.disk_gauge is None:
+            return
+        try:
+            self._disk = await self.disk_gauge.read()
+        except DiskUnavailable as exc:
+            if str(exc) != self._disk_error:
+                log.warning("could not read the store's disk figures; the photo budget alone counts once "
+                            "the last reading is a minute old", extra={"error": str(exc)})
+            self._disk_error = str(exc)
+            return
+        if self._disk_error is not None:
+            log.info("reading the store's disk figures again", extra={"free_bytes": self._disk.free_bytes,
+                                                                     "total_bytes": self._disk.total_bytes})
+        self._disk_error = None
+
     async def _capacity_loop(self) -> None:
         while True:
             try:
+                await self._read_disk()
                 if self.last_sweep is not None:
-                    high = self.config.high_watermark * self.config.capacity
-                    if self.used_bytes() >= high and not self._sweep_lock.locked():
+                    usage = self.usage()
+                    if usage.fill >= self.config.high_watermark and not self._sweep_lock.locked():
                         # Evict shipped copies early, to just under the low watermark if they suffice.
-                        low = self.config.low_watermark * self.config.capacity
-                        self._evict_bytes = int(self.used_bytes() - low) + 1
+                        self._evict_bytes = usage.excess_over(self.config.low_watermark)
                         self.request_sweep()
                     await self._decide_admission()
             except StoreUnavailable as exc:
@@ -258,23 +288,24 @@ class Keeper:
             await asyncio.sleep(CAPACITY_CHECK_S)
 
     async def _decide_admission(self) -> None:
-        used, capacity = self.used_bytes(), self.config.capacity
+        usage = self.usage()
         high, low = self.config.high_watermark, self.config.low_watermark
         is_open = self.admission.open
-        if is_open and used >= high * capacity and not self._evicting():
+        if is_open and usage.fill >= high and not self._evicting():
             is_open = False
-        elif not is_open and used < low * capacity:
+        elif not is_open and usage.fill < low:
             is_open = True
         reason = "" if is_open else (
-            f"{used / capacity:.0%} of {capacity} bytes in use, above the {high:.0%} high watermark "
+            f"{usage.fill:.0%} in use ({usage.describe()}), above the {high:.0%} high watermark "
             f"even after evicting shipped copies; uploads resume under {low:.0%}")
         if is_open != self.admission.open:
             log.warning("admission %s", "opened" if is_open else "closed",
-                        extra={"used_bytes": used, "capacity_bytes": capacity, "reason": reason})
-        self.admission = Admission(open=is_open, reason=reason, used_bytes=used, capacity_bytes=capacity,
-                                   decided_at=datetime.now(UTC).isoformat())
+                        extra={"used_bytes": usage.photo_bytes, "capacity_bytes": usage.capacity_bytes,
+                               "reason": reason})
+        self.admission = Admission(open=is_open, reason=reason, used_bytes=usage.photo_bytes,
+                                   capacity_bytes=usage.capacity_bytes, decided_at=datetime.now(UTC).isoformat())
         self.metrics.admission_open.set(1 if is_open else 0)
-        self.metrics.used.set(used)
+        self.metrics.used.set(usage.photo_bytes)
         await write_admission(self.store, self.admission)
 
     def _evicting(self) -> bool:
@@ -291,7 +322,7 @@ class Keeper:
         cap = self.control.cap(self.config.schedule, now)
         link_limited = any(beat.link_limited for beat in shippers)
         backlog_bytes = sweep_result.unshipped_bytes if sweep_result else 0
-        used = self.used_bytes()
+        usage = self.usage()
         devices = self._devices(now)
         silent_before = now.timestamp() - self.config.silent_after
         return {
@@ -307,9 +338,12 @@ class Keeper:
             "eta_drain_s": _rounded(drain_eta_s(
                 backlog_bytes, ingest, schedule=self.config.schedule, control=self.control, now=now,
                 link_bytes_per_s=egress if link_limited else None)),
-            "store_used_bytes": used,
-            "store_capacity_bytes": self.config.capacity,
-            "store_full_eta_s": _rounded(full_eta_s(used, self.config.capacity, ingest, self._deleted.rate())),
+            "store_used_bytes": usage.photo_bytes,
+            "store_capacity_bytes": usage.capacity_bytes,
+            "store_disk_total_bytes": usage.disk.total_bytes if usage.disk else None,
+            "store_disk_free_bytes": usage.disk.free_bytes if usage.disk else None,
+            "store_fill": round(usage.fill, 4),
+            "store_full_eta_s": _rounded(full_eta_s(usage, ingest, self._deleted.rate())),
             "high_watermark": self.config.high_watermark,
             "low_watermark": self.config.low_watermark,
             "admission": {"open": self.admission.open, "reason": self.admission.reason},
