@@ -2,13 +2,14 @@
 
 Starts a private RabbitMQ node and an S3-protocol server, the real gateway
 (python -m services.gateway, auth on, tracing and logging as in production) and
-the floor (bench/floor.py), then offers both the same 250 KB photos, as JSON and
-as msgpack, at the same fixed rates (open loop: a request every 1/rate seconds,
+two floors (bench/floor.py: the bare handler, and the bare handler that also
+writes the image to the store as the gateway does), then offers each the same
+250 KB photos, as JSON and as msgpack, at the same fixed rates (open loop: a request every 1/rate seconds,
 whatever the answers), in alternating rounds. Each server's CPU time (user +
 system, all threads) is read from /proc before and after a phase; the load
 generator's, the broker's and the store's are not counted.
 
-Both servers get the same rate because CPU per request depends on it: a server
+All servers get the same rate because CPU per request depends on it: a server
 answering fewer requests per wakeup pays more per request. The default rates are
 the site's (33/s) and twice that; moto, the S3 stand-in, tops out near 110 uploads
 a second here, past which the gateway rightly sheds load with 503.
@@ -110,7 +111,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="photoferry-bench-"))
     rabbit = RabbitNode(workdir / "rabbitmq")
     store = S3Server(workdir / "store")
-    floor = None
+    floors: list[subprocess.Popen[bytes]] = []
     gateway = None
     try:
         print("starting RabbitMQ, the S3-protocol store, the gateway and the floor ...", flush=True)
@@ -131,15 +132,21 @@ def main() -> None:
             "PHOTOFERRY_LOG_FORMAT": "json",
         }, port=port, logfile=workdir / "gateway.log")
         gateway.start()
-        floor_port = free_port()
-        floor = subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port)])
-        floor_url = f"http://127.0.0.1:{floor_port}"
-        wait_until(lambda: _answers(floor_url), timeout=30, what="floor")
+        floor_env = {**os.environ, "PHOTOFERRY_STORE_ENDPOINT": store.endpoint,
+                     "PHOTOFERRY_STORE_ACCESS_KEY": store.access_key,
+                     "PHOTOFERRY_STORE_SECRET_KEY": store.secret_key, "PHOTOFERRY_STORE_BUCKET": "bench"}
         assert gateway.process is not None
+        servers = {"gateway": (gateway.process.pid, gateway.url)}
+        for name, extra in (("floor", []), ("floor+store", ["--store"])):
+            floor_port = free_port()
+            floors.append(subprocess.Popen([sys.executable, "-m", "bench.floor", str(floor_port), *extra],
+                                           env=floor_env))
+            floor_url = f"http://127.0.0.1:{floor_port}"
+            wait_until(lambda url=floor_url: _answers(url), timeout=30, what=name)
+            servers[name] = (floors[-1].pid, floor_url)
 
         bodies = Bodies(args.size)
         rates = [float(r) for r in args.rates.split(",")]
-        servers = {"gateway": (gateway.process.pid, gateway.url), "floor": (floor.pid, floor_url)}
         for pid, url in servers.values():  # warm up: connections, lazy imports, caches
             for fmt in ("json", "msgpack"):
                 measure(pid, url, fmt, bodies, rates[0], 2)
@@ -154,15 +161,16 @@ def main() -> None:
 
         print(f"\n{args.size}-byte images, {args.seconds:g} s per phase, {args.rounds} rounds; "
               "CPU milliseconds per accepted upload, median over rounds\n")
-        print(f"{'rate/s':>7} {'format':<8} {'gateway':>9} {'floor':>7} {'ratio':>7}")
+        print(f"{'rate/s':>7} {'format':<8} {'gateway':>9} {'floor':>7} {'ratio':>7} {'floor+store':>12} {'ratio':>7}")
         for rate in rates:
             for fmt in ("json", "msgpack"):
-                gateway_ms = statistics.median(results[(rate, fmt, "gateway")])
-                floor_ms = statistics.median(results[(rate, fmt, "floor")])
-                print(f"{rate:>7g} {fmt:<8} {gateway_ms:>9.2f} {floor_ms:>7.2f} {gateway_ms / floor_ms:>6.2f}x")
-        print("\ngoal: JSON gateway CPU <= 2.5x the floor")
+                ms = {name: statistics.median(results[(rate, fmt, name)]) for name in servers}
+                print(f"{rate:>7g} {fmt:<8} {ms['gateway']:>9.2f} {ms['floor']:>7.2f} "
+                      f"{ms['gateway'] / ms['floor']:>6.2f}x {ms['floor+store']:>12.2f} "
+                      f"{ms['gateway'] / ms['floor+store']:>6.2f}x")
+        print("\ngoal: JSON gateway CPU <= 2.5x the floor; floor+store also writes each image to the store")
     finally:
-        if floor is not None:
+        for floor in floors:
             floor.terminate()
             floor.wait()
         if gateway is not None:
