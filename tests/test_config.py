@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.config import ConfigError, GatewayConfig
+from services.common.config import ConfigError, GatewayConfig, RemoteSettings, StoreKeeperConfig
 
 BASE = {
     "PHOTOFERRY_AMQP_URL": "amqp://u:p@broker/",
@@ -46,3 +46,15 @@ def test_malformed_values_name_the_variable(name: str, value: str) -> None:
 def test_missing_connection_settings_are_refused(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         GatewayConfig.from_env({k: v for k, v in BASE.items() if k != name})
+
+
+def test_an_optional_endpoint_is_none_when_unset_and_a_url_when_set() -> None:
+    keeper_env = {**BASE, "PHOTOFERRY_ADMIN_TOKEN": "t"}
+    assert StoreKeeperConfig.from_env(keeper_env).store_metrics_url is None
+    url = "http://minio:9000/minio/v2/metrics/cluster"
+    assert StoreKeeperConfig.from_env({**keeper_env, "PHOTOFERRY_STORE_METRICS_URL": url}).store_metrics_url == url
+    with pytest.raises(ConfigError, match="PHOTOFERRY_STORE_METRICS_URL"):
+        StoreKeeperConfig.from_env({**keeper_env, "PHOTOFERRY_STORE_METRICS_URL": "minio:9000"})
+    assert RemoteSettings.from_env({"PHOTOFERRY_S3_BUCKET": "b"}).endpoint is None
+    with pytest.raises(ConfigError, match="PHOTOFERRY_S3_ENDPOINT"):
+        RemoteSettings.from_env({"PHOTOFERRY_S3_BUCKET": "b", "PHOTOFERRY_S3_ENDPOINT": "s3.local"})

@@ -74,6 +74,11 @@ def endpoint_url(env: Env, name: str) -> str:
     return value.rstrip("/")
 
 
+def optional_endpoint_url(env: Env, name: str) -> str | None:
+    """An endpoint that may be left unset (None), but is a URL when set."""
+    return endpoint_url(env, name) if env.get(name, "").strip() else None
+
+
 @dataclass(frozen=True)
 class LogSettings:
     level: str
@@ -204,9 +209,7 @@ class RemoteSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> RemoteSettings:
-        endpoint = env.get("PHOTOFERRY_S3_ENDPOINT", "").strip() or None
-        if endpoint is not None:
-            endpoint = endpoint_url(env, "PHOTOFERRY_S3_ENDPOINT")
+        endpoint = optional_endpoint_url(env, "PHOTOFERRY_S3_ENDPOINT")
         prefix = optional(env, "PHOTOFERRY_S3_PREFIX", "")
         if prefix.startswith("/"):
             raise ConfigError("PHOTOFERRY_S3_PREFIX: an S3 key prefix does not start with '/'")
@@ -294,8 +297,6 @@ class StoreKeeperConfig:
         reconcile_every = parsed(env, "PHOTOFERRY_RECONCILE_EVERY", parse_duration, "1m")
         if reconcile_every <= 0:
             raise ConfigError("PHOTOFERRY_RECONCILE_EVERY: must be above zero")
-        metrics_url = endpoint_url(env, "PHOTOFERRY_STORE_METRICS_URL") if env.get(
-            "PHOTOFERRY_STORE_METRICS_URL", "").strip() else None
         return cls(
             port=port(env, "PHOTOFERRY_STORE_PORT", 8081),
             amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
@@ -304,7 +305,7 @@ class StoreKeeperConfig:
             reconcile_every=reconcile_every,
             retain=parsed(env, "PHOTOFERRY_RETAIN", parse_duration, "7d"),
             capacity=capacity,
-            store_metrics_url=metrics_url,
+            store_metrics_url=optional_endpoint_url(env, "PHOTOFERRY_STORE_METRICS_URL"),
             store_metrics_token=env.get("PHOTOFERRY_STORE_METRICS_TOKEN", "").strip() or None,
             high_watermark=high,
             low_watermark=low,
