@@ -37,7 +37,15 @@ class Admission:
 
     @classmethod
     def from_json(cls, body: bytes) -> Admission:
-        return cls(**orjson.loads(body))
+        """Parse a decision; raise ValueError or TypeError when it is not a well-formed one."""
+        decision = cls(**orjson.loads(body))
+        if not isinstance(decision.open, bool) or not isinstance(decision.decided_at, str):
+            raise TypeError("open must be a boolean and decided_at a string")
+        if decision.decided_at:
+            decided = datetime.fromisoformat(decision.decided_at)
+            if decided.tzinfo is None:
+                raise ValueError(f"decided_at {decision.decided_at!r} has no offset")
+        return decision
 
     def stale(self, now: datetime) -> bool:
         if not self.decided_at:

@@ -67,6 +67,19 @@ def switch(env: Env, name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: {text!r} is neither on nor off")
 
 
+def positive_duration(env: Env, name: str, default: str) -> float:
+    value = parsed(env, name, parse_duration, default)
+    if value <= 0:
+        raise ConfigError(f"{name}: must be above zero")
+    return value
+
+
+def idle_timeout(env: Env) -> float:
+    """How long an HTTP connection may stay open without a complete request head
+    (idle between requests, or sending its headers slowly) before it is closed."""
+    return positive_duration(env, "PHOTOFERRY_IDLE_TIMEOUT", "15s")
+
+
 def endpoint_url(env: Env, name: str) -> str:
     value = required(env, name)
     if not value.startswith(("http://", "https://")):
@@ -146,6 +159,9 @@ class GatewayConfig:
     max_inflight_bytes: int
     publish_timeout: float
     retry_after_s: int
+    body_timeout: float  # longest silence while a body arrives
+    body_min_rate: float  # bytes per second a body must average, after body_timeout of grace
+    idle_timeout: float
     shutdown_timeout: float
     logging: LogSettings
     tracing: TracingSettings
@@ -174,6 +190,9 @@ class GatewayConfig:
             ),
             publish_timeout=parsed(env, "PHOTOFERRY_PUBLISH_TIMEOUT", parse_duration, "5s"),
             retry_after_s=positive_int(env, "PHOTOFERRY_RETRY_AFTER", 5),
+            body_timeout=positive_duration(env, "PHOTOFERRY_BODY_TIMEOUT", "10s"),
+            body_min_rate=parsed(env, "PHOTOFERRY_BODY_MIN_RATE", parse_rate, "16KiB"),
+            idle_timeout=idle_timeout(env),
             shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
             logging=LogSettings.from_env(env),
             tracing=TracingSettings.from_env(env),
@@ -234,6 +253,7 @@ class ShipperConfig:
     max_attempts: int
     max_image_bytes: int
     consumer_timeout: float
+    idle_timeout: float
     shutdown_timeout: float
     logging: LogSettings
     tracing: TracingSettings
@@ -256,6 +276,7 @@ class ShipperConfig:
             max_image_bytes=parsed(env, "PHOTOFERRY_MAX_IMAGE_BYTES", parse_size, "16MiB"),
             # Must match the broker's consumer_timeout (rabbitmq/rabbitmq.conf).
             consumer_timeout=parsed(env, "PHOTOFERRY_CONSUMER_TIMEOUT", parse_duration, "30m"),
+            idle_timeout=idle_timeout(env),
             shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
             logging=LogSettings.from_env(env),
             tracing=TracingSettings.from_env(env),
@@ -277,6 +298,7 @@ class StoreKeeperConfig:
     low_watermark: float
     silent_after: float
     schedule: RateSchedule  # for the ETA to drain
+    idle_timeout: float
     shutdown_timeout: float
     logging: LogSettings
     tracing: TracingSettings
@@ -311,6 +333,7 @@ class StoreKeeperConfig:
             low_watermark=low,
             silent_after=parsed(env, "PHOTOFERRY_SILENT_AFTER", parse_duration, "10m"),
             schedule=rate_schedule(env),
+            idle_timeout=idle_timeout(env),
             shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
             logging=LogSettings.from_env(env),
             tracing=TracingSettings.from_env(env),

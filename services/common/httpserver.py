@@ -29,7 +29,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from services.common.broker import Broker
 from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.problems import Problem, json_response
+from services.common.problems import Problem, json_response, problem_middleware
+from services.common.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("photoferry.request")
@@ -37,6 +38,7 @@ tracer = trace.get_tracer("photoferry.http")
 
 _LOG_FIELDS = web.RequestKey("log_fields", dict)
 READY_CHECK_TIMEOUT_S = 3.0
+LINGERING_S = 2.0
 
 
 class ServerState:
@@ -59,6 +61,7 @@ class ServerState:
 
 
 SERVER_STATE = web.AppKey("server_state", ServerState)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
 
 
 class HttpMetrics:
@@ -153,9 +156,20 @@ async def _traced(request: web.Request, handler: Any, metrics: HttpMetrics) -> w
                 )
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: the process is alive (no dependency is consulted)."""
-    return json_response({"status": "ok"})
+def health_handler(supervisor: Supervisor) -> Any:
+    """``GET /healthz``: the process is alive and none of its background loops is failing.
+
+    No dependency is consulted (that is ``/readyz``): restarting a pod does not
+    bring a broker back. A loop failing again and again is what a restart can fix.
+    """
+
+    async def healthz(request: web.Request) -> web.Response:
+        failing = supervisor.failing()
+        if failing:
+            raise Problem(503, f"background loop(s) failing: {', '.join(sorted(failing))}", loops=failing)
+        return json_response({"status": "ok"})
+
+    return healthz
 
 
 def readiness_handler(dependencies: Callable[[web.Application], tuple[Broker, LocalStore]], *,
@@ -187,17 +201,43 @@ def metrics_handler(registry: CollectorRegistry) -> Any:
     return handler
 
 
-def run(app: web.Application, *, port: int, shutdown_timeout: float) -> None:
+def service_app(
+    http: HttpMetrics,
+    *,
+    dependencies: Callable[[web.Application], tuple[Broker, LocalStore]],
+    retry_after: int,
+    middlewares: tuple[Any, ...] = (),
+) -> web.Application:
+    """An application with what every service has: request middleware, problems, a supervisor
+    for its background loops, ``/healthz``, ``/readyz`` and ``/metrics``."""
+    state = ServerState()
+    supervisor = Supervisor(http.registry)
+    app = web.Application(middlewares=[request_middleware(http, state), problem_middleware, *middlewares])
+    app[SERVER_STATE] = state
+    app[SUPERVISOR] = supervisor
+    app.router.add_get("/healthz", health_handler(supervisor))
+    app.router.add_get("/readyz", readiness_handler(dependencies, retry_after=retry_after))
+    app.router.add_get("/metrics", metrics_handler(http.registry))
+    return app
+
+
+def run(app: web.Application, *, port: int, shutdown_timeout: float, idle_timeout: float) -> None:
     """Serve until SIGTERM/SIGINT; then stop accepting, let requests finish, clean up."""
-    asyncio.run(_serve(app, app[SERVER_STATE], port=port, shutdown_timeout=shutdown_timeout))
+    asyncio.run(_serve(app, app[SERVER_STATE], port=port, shutdown_timeout=shutdown_timeout,
+                       idle_timeout=idle_timeout))
 
 
-async def _serve(app: web.Application, state: ServerState, *, port: int, shutdown_timeout: float) -> None:
+async def _serve(app: web.Application, state: ServerState, *, port: int, shutdown_timeout: float,
+                 idle_timeout: float) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    # keepalive_timeout also closes a connection that has not finished sending its request
+    # head (aiohttp times it from the connection's start): slow headers hold nothing for long.
+    # lingering_time bounds how long the rest of a refused body is read and thrown away.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=idle_timeout, lingering_time=LINGERING_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, port=port)

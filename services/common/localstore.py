@@ -23,11 +23,12 @@ from obstore.exceptions import AlreadyExistsError, BaseError
 from obstore.store import S3Store
 
 from services.common.config import StoreSettings
+from services.common.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(DependencyUnavailable):
     """The local store cannot be reached or refused the request."""
 
 

@@ -67,3 +67,6 @@ def setup_logging(settings: LogSettings) -> None:
     root.setLevel(settings.level)
     # The access log repeats what our canonical request line says.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aio-pika warns at every reconnection attempt (every 2 s of an outage); the
+    # broker module says once that the connection is lost and once that it is back.
+    logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)

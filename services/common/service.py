@@ -18,6 +18,7 @@ from services.common.telemetry import setup_tracing, shutdown_tracing
 class ServiceConfig(Protocol):
     port: int
     shutdown_timeout: float
+    idle_timeout: float
     logging: LogSettings
     tracing: TracingSettings
 
@@ -36,6 +37,7 @@ def run_service(
     setup_logging(config.logging)
     tracer_provider = setup_tracing(f"photoferry-{name}", config.tracing)
     try:
-        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout)
+        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout,
+            idle_timeout=config.idle_timeout)
     finally:
         shutdown_tracing(tracer_provider)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -15,16 +14,8 @@ from aiohttp import web
 from services.common.admission import read_admission
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
-from services.common.httpserver import (
-    SERVER_STATE,
-    ServerState,
-    healthz,
-    metrics_handler,
-    readiness_handler,
-    request_middleware,
-)
-from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.problems import problem_middleware
+from services.common.httpserver import SUPERVISOR, service_app
+from services.common.localstore import LocalStore
 from services.common.service import run_service
 from services.gateway import handlers
 from services.gateway.budget import InflightBudget
@@ -44,11 +35,8 @@ def load_openapi() -> bytes:
 
 def create_app(config: GatewayConfig) -> web.Application:
     metrics = GatewayMetrics()
-    server_state = ServerState()
-    app = web.Application(
-        middlewares=[request_middleware(metrics.http, server_state), problem_middleware]
-    )
-    app[SERVER_STATE] = server_state
+    app = service_app(metrics.http, dependencies=lambda app: (app[BROKER], app[STORE]),
+                      retry_after=config.retry_after_s)
     app[CONFIG] = config
     app[METRICS] = metrics
     app[BUDGET] = InflightBudget(
@@ -58,46 +46,31 @@ def create_app(config: GatewayConfig) -> web.Application:
     app[BROKER] = Broker(config.amqp_url, name=f"photoferry-gateway@{socket.gethostname()}")
     app[OPENAPI] = load_openapi()
     app[ADMISSION] = AdmissionView()
-    app.cleanup_ctx.append(_broker_connection)
-    app.cleanup_ctx.append(_admission_watch)
+    app.cleanup_ctx.append(_background)
 
     app.router.add_post("/v1/photos", handlers.upload_photo)
     app.router.add_get("/v1/photos/{photo_id}", handlers.photo_status)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readiness_handler(lambda app: (app[BROKER], app[STORE]),
-                                                    retry_after=config.retry_after_s))
-    app.router.add_get("/metrics", metrics_handler(metrics.registry))
     app.router.add_get("/openapi.json", handlers.openapi)
     return app
 
 
-async def _broker_connection(app: web.Application) -> AsyncIterator[None]:
-    broker = app[BROKER]
-    broker.start()
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The broker connection and the admission watch, under the app's supervisor."""
+    supervisor = app[SUPERVISOR]
+    app[BROKER].start(supervisor)
+
+    async def watch_admission() -> None:
+        """Re-read the store keeper's admission decision."""
+        decision = await read_admission(app[STORE])
+        if decision.open != app[ADMISSION].current.open:
+            log.warning("admission %s", "opened" if decision.open else "closed",
+                        extra={"reason": decision.reason, "used_bytes": decision.used_bytes})
+        app[ADMISSION].current = decision
+
+    supervisor.start("admission-watch", watch_admission, every=ADMISSION_REFRESH_S)
     yield
-    await broker.close()
-
-
-async def _admission_watch(app: web.Application) -> AsyncIterator[None]:
-    """Re-read the store keeper's admission decision every few seconds."""
-
-    async def watch() -> None:
-        while True:
-            try:
-                decision = await read_admission(app[STORE])
-            except StoreUnavailable as exc:
-                log.warning("could not read the admission decision; keeping the last one", extra={"error": str(exc)})
-            else:
-                if decision.open != app[ADMISSION].current.open:
-                    log.warning("admission %s", "opened" if decision.open else "closed",
-                                extra={"reason": decision.reason, "used_bytes": decision.used_bytes})
-                app[ADMISSION].current = decision
-            await asyncio.sleep(ADMISSION_REFRESH_S)
-
-    task = asyncio.create_task(watch(), name="admission-watch")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await supervisor.stop()
+    await app[BROKER].close()
 
 
 def main() -> None:

@@ -10,16 +10,8 @@ from aiohttp import web
 
 from services.common.broker import Broker
 from services.common.config import ShipperConfig
-from services.common.httpserver import (
-    SERVER_STATE,
-    ServerState,
-    healthz,
-    metrics_handler,
-    readiness_handler,
-    request_middleware,
-)
+from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
-from services.common.problems import problem_middleware
 from services.common.s3 import s3_client
 from services.common.service import run_service
 from services.shipper.consumer import Shipper
@@ -54,25 +46,22 @@ def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
 
 def create_app(config: ShipperConfig) -> web.Application:
     metrics = ShipperMetrics()
-    server_state = ServerState()
-    app = web.Application(middlewares=[request_middleware(metrics.http, server_state), problem_middleware])
-    app[SERVER_STATE] = server_state
+    app = service_app(metrics.http, dependencies=lambda app: (app[SHIPPER].broker, app[SHIPPER].store),
+                      retry_after=5)
     app[SHIPPER] = build_shipper(config, metrics)
     app.cleanup_ctx.append(_shipping)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readiness_handler(lambda app: (app[SHIPPER].broker, app[SHIPPER].store),
-                                                    retry_after=5))
     app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics_handler(metrics.registry))
     return app
 
 
 async def _shipping(app: web.Application) -> AsyncIterator[None]:
     shipper = app[SHIPPER]
-    shipper.broker.start()
-    shipper.start()
+    supervisor = app[SUPERVISOR]
+    shipper.broker.start(supervisor)
+    shipper.start(supervisor)
     yield
     await shipper.stop()
+    await supervisor.stop()
     await shipper.broker.close()
 
 

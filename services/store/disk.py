@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.errors import DependencyUnavailable
+
 log = logging.getLogger(__name__)
 
 TOTAL_METRIC = "minio_cluster_capacity_usable_total_bytes"
@@ -26,7 +28,7 @@ FREE_METRIC = "minio_cluster_capacity_usable_free_bytes"
 STALE_AFTER_S = 60.0  # an older reading is not trusted for admission
 
 
-class DiskUnavailable(Exception):
+class DiskUnavailable(DependencyUnavailable):
     """MinIO's metrics could not be read or did not say how big the disk is."""
 
 

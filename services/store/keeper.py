@@ -24,24 +24,23 @@ from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aio_pika
 import orjson
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 
-from services.common import photos, topology
+from services.common import messages, photos, topology
 from services.common.admission import Admission, write_admission
 from services.common.broker import Broker, BrokerUnavailable
 from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.s3 import ensure_bucket
 from services.common.shipping import ShippingControl, read_control
+from services.common.supervise import DONE, StepResult, Supervisor
 from services.store.disk import Disk, DiskGauge, DiskUnavailable, Usage
 from services.store.forecast import drain_eta_s, full_eta_s
 from services.store.metrics import KeeperMetrics
 from services.store.sweep import SweepResult, sweep
-from services.store.tap import RECONCILED_HEADER, RateWindow, Tap
+from services.store.tap import RateWindow, Tap
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,8 @@ HISTORY_SAVE_EVERY_S = 300.0
 RECONCILE_BATCH = 5000  # most re-enqueued per sweep
 STALE_UPLOADS_AFTER = timedelta(hours=24)  # incomplete multipart uploads in the local bucket
 BROKER_TIMEOUT_S = 10.0
+PROVISION_WAIT_S = 1.0  # a sweep waiting for the bucket looks again this soon
+STOP_SAVE_TIMEOUT_S = 5.0
 
 
 class Keeper:
@@ -79,47 +80,54 @@ class Keeper:
                                      timeout=config.store.timeout) if config.store_metrics_url else None)
         self._disk: Disk | None = None
         self._disk_error: str | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._poll_channel: Any = None
+        self._supervisor: Supervisor | None = None
+        self._history_saved = time.monotonic()
+        self.provisioned = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        await asyncio.to_thread(self._provision)
-        await self._load_history()
-        self._tasks = [
-            asyncio.create_task(self._sweep_loop(), name="keeper-sweeps"),
-            asyncio.create_task(self._capacity_loop(), name="keeper-capacity"),
-            asyncio.create_task(self._history_loop(), name="keeper-history"),
-        ]
+    def start(self, supervisor: Supervisor) -> None:
+        """Start the keeper's loops; each waits for what it needs and retries what fails."""
+        self._supervisor = supervisor
+        supervisor.start("keeper-provision", self._provision, every=0)
+        supervisor.start("keeper-sweeps", self._sweep_step, every=self.config.reconcile_every, wake=self._sweep_now)
+        supervisor.start("keeper-capacity", self._capacity_step, every=CAPACITY_CHECK_S)
+        supervisor.start("keeper-history", self._history_step, every=HISTORY_EVERY_S)
 
     async def on_broker_ready(self, broker: Broker) -> None:
-        assert broker.connection is not None
-        self._poll_channel = await broker.connection.channel(publisher_confirms=False)
         await self.tap.attach(broker)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._save_history()
+        """Save what operators would miss after a restart (loops are stopped by the supervisor)."""
+        try:
+            async with asyncio.timeout(STOP_SAVE_TIMEOUT_S):
+                await self._save_history()
+        except TimeoutError:
+            log.warning("could not save the history of figures before stopping (store too slow)")
         if self.disk_gauge is not None:
             await self.disk_gauge.close()
 
-    def _provision(self) -> None:
-        """The bucket exists, and uploads a crashed writer left unfinished are cleaned up."""
-        bucket = self.config.store.bucket
+    async def _provision(self) -> StepResult:
+        """The bucket exists (created if not), stale uploads are cleaned up, history is loaded."""
         try:
-            ensure_bucket(self.admin, bucket)
-            cutoff = datetime.now(UTC) - STALE_UPLOADS_AFTER
-            listing = self.admin.list_multipart_uploads(Bucket=bucket)
-            for upload in listing.get("Uploads", []):
-                if upload["Initiated"] < cutoff:
-                    self.admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                    log.info("aborted an incomplete multipart upload", extra={"key": upload["Key"]})
+            await asyncio.to_thread(self._provision_bucket)
         except (ClientError, BotoCoreError) as exc:
-            # The keeper still reports and retries at its next sweep; the gateways' readiness shows the store.
-            log.error("could not provision the local bucket", extra={"bucket": bucket, "error": str(exc)})
+            raise StoreUnavailable(f"could not provision the local bucket {self.config.store.bucket}: {exc}") from None
+        await self._load_history()
+        self.provisioned = True
+        log.info("local bucket ready", extra={"bucket": self.config.store.bucket})
+        self.request_sweep()
+        return DONE
+
+    def _provision_bucket(self) -> None:
+        bucket = self.config.store.bucket
+        ensure_bucket(self.admin, bucket)
+        cutoff = datetime.now(UTC) - STALE_UPLOADS_AFTER
+        listing = self.admin.list_multipart_uploads(Bucket=bucket)
+        for upload in listing.get("Uploads", []):
+            if upload["Initiated"] < cutoff:
+                self.admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                log.info("aborted an incomplete multipart upload", extra={"key": upload["Key"]})
 
     # -- sweeps and reconciling -------------------------------------------------------------
 
@@ -149,7 +157,9 @@ class Keeper:
                 log.warning("broker unavailable: the sweep cannot tell which photos lack a message; "
                             "reconciling waits for the next sweep")
             else:
-                self.queued = max(queued_before, queued_after)
+                # Photos parked with a marker are not counted as unshipped, so neither are their
+                # messages; those the broker dead-lettered itself (no marker) are.
+                self.queued = max(queued_before, queued_after) + max(0, self.parked_messages - result.parked)
                 reconciled = await self._reconcile(result)
             self.last_sweep = result
             self.metrics.observe_sweep(result, time.monotonic() - started, reconciled)
@@ -160,42 +170,23 @@ class Keeper:
         await self._decide_admission()
         return result
 
-    async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                self.control = await read_control(self.store)
-                await self.run_sweep()
-            except (StoreUnavailable, BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
-                log.warning("sweep failed; trying again at the next one", extra={"error": str(exc)})
-            except Exception:
-                log.exception("sweep failed; trying again at the next one")
-            self._sweep_now.clear()
-            try:
-                async with asyncio.timeout(self.config.reconcile_every):
-                    await self._sweep_now.wait()
-            except TimeoutError:
-                pass
+    async def _sweep_step(self) -> StepResult:
+        if not self.provisioned:
+            return PROVISION_WAIT_S
+        self.control = await read_control(self.store)
+        await self.run_sweep()
+        return None
 
     async def _count_queued(self) -> int | None:
-        """Shipping messages the broker holds: ready, in retry, parked, and in the shippers' hands."""
-        if not self.broker.is_ready or self._poll_channel is None:
-            return None
+        """Messages ready, in retry and in the shippers' hands; the parking queue's count is kept aside."""
         try:
-            return await self._count_queued_now()
-        except CONNECTION_EXCEPTIONS as exc:
+            depths = await self.broker.queue_depth(
+                topology.SHIP_QUEUE, topology.PARKED_QUEUE, *(topology.retry_queue(d) for d in topology.RETRY_DELAYS_S))
+        except BrokerUnavailable as exc:
             log.warning("could not count queued photos", extra={"error": str(exc)})
             return None
-
-    async def _count_queued_now(self) -> int:
-        channel = await self._poll_channel.get_underlay_channel()
-        ready = 0
-        for name in (topology.SHIP_QUEUE, topology.PARKED_QUEUE,
-                     *(topology.retry_queue(d) for d in topology.RETRY_DELAYS_S)):
-            declared = await channel.queue_declare(name, passive=True)
-            ready += int(declared.message_count or 0)
-            if name == topology.PARKED_QUEUE:
-                self.parked_messages = int(declared.message_count or 0)
-        return ready + sum(beat.in_flight for beat in self.tap.shippers())
+        self.parked_messages = depths.pop(topology.PARKED_QUEUE)
+        return sum(depths.values()) + sum(beat.in_flight for beat in self.tap.shippers())
 
     async def _reconcile(self, result: SweepResult) -> int:
         deficit = result.unshipped - self.queued
@@ -211,9 +202,7 @@ class Keeper:
                 continue
             await self.broker.publish(
                 topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY,
-                aio_pika.Message(message.to_json(), content_type="application/json",
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                 headers={RECONCILED_HEADER: True}),
+                messages.shipping_message(message.to_json(), origin=messages.RECONCILE),
                 timeout=BROKER_TIMEOUT_S,
             )
             self.tap.saw(orphan.id)
@@ -272,20 +261,16 @@ class Keeper:
                                                                      "total_bytes": self._disk.total_bytes})
         self._disk_error = None
 
-    async def _capacity_loop(self) -> None:
-        while True:
-            try:
-                await self._read_disk()
-                if self.last_sweep is not None:
-                    usage = self.usage()
-                    if usage.fill >= self.config.high_watermark and not self._sweep_lock.locked():
-                        # Evict shipped copies early, to just under the low watermark if they suffice.
-                        self._evict_bytes = usage.excess_over(self.config.low_watermark)
-                        self.request_sweep()
-                    await self._decide_admission()
-            except StoreUnavailable as exc:
-                log.warning("could not publish the admission decision", extra={"error": str(exc)})
-            await asyncio.sleep(CAPACITY_CHECK_S)
+    async def _capacity_step(self) -> StepResult:
+        await self._read_disk()
+        if self.last_sweep is not None:
+            usage = self.usage()
+            if usage.fill >= self.config.high_watermark and not self._sweep_lock.locked():
+                # Evict shipped copies early, to just under the low watermark if they suffice.
+                self._evict_bytes = usage.excess_over(self.config.low_watermark)
+                self.request_sweep()
+            await self._decide_admission()
+        return None
 
     async def _decide_admission(self) -> None:
         usage = self.usage()
@@ -382,19 +367,17 @@ class Keeper:
 
     # -- history, for the operator page's charts -------------------------------------------------
 
-    async def _history_loop(self) -> None:
-        last_saved = time.monotonic()
-        while True:
-            await asyncio.sleep(HISTORY_EVERY_S)
-            figures = self.status()
-            self.history.append({
-                "t": figures["now"], "backlog_bytes": figures["backlog_bytes"],
-                "backlog_objects": figures["backlog_objects"], "ingest": figures["ingest_bytes_per_s"],
-                "egress": figures["egress_bytes_per_s"], "cap": figures["cap_bytes_per_s"],
-            })
-            if time.monotonic() - last_saved >= HISTORY_SAVE_EVERY_S:
-                await self._save_history()
-                last_saved = time.monotonic()
+    async def _history_step(self) -> StepResult:
+        figures = self.status()
+        self.history.append({
+            "t": figures["now"], "backlog_bytes": figures["backlog_bytes"],
+            "backlog_objects": figures["backlog_objects"], "ingest": figures["ingest_bytes_per_s"],
+            "egress": figures["egress_bytes_per_s"], "cap": figures["cap_bytes_per_s"],
+        })
+        if time.monotonic() - self._history_saved >= HISTORY_SAVE_EVERY_S:
+            await self._save_history()
+            self._history_saved = time.monotonic()
+        return None
 
     async def _save_history(self) -> None:
         try:
