@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.shipper.consumer import PhotoLocks
+from services.shipper.locks import PhotoLocks
 
 
 def test_one_photo_at_a_time_and_nothing_kept_afterwards() -> None:

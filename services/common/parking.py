@@ -13,19 +13,14 @@ import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-import aio_pika
 import orjson
 
-from services.common import photos, topology
-from services.common.broker import Broker, BrokerUnavailable
+from services.common import messages, photos, topology
+from services.common.broker import Broker, BrokerUnavailable, bounded
 from services.common.localstore import LocalStore
 
 log = logging.getLogger(__name__)
 
-REASON_HEADER = "x-photoferry-park-reason"
-ATTEMPT_HEADER = "x-photoferry-attempt"
-LAST_ERROR_HEADER = "x-photoferry-last-error"
-REPLAYED_HEADER = "x-photoferry-replayed"
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -46,12 +41,7 @@ async def park(
     if photo_id is not None:
         await store.put(photos.parked_marker_key(photo_id), orjson.dumps(asdict(parked)),
                         metadata={"Content-Type": "application/json"})
-    message = aio_pika.Message(
-        body,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers={REASON_HEADER: reason[:500], ATTEMPT_HEADER: attempts},
-    )
+    message = messages.shipping_message(body, origin=messages.PARKED, attempt=attempts, park_reason=reason)
     await broker.publish(topology.PARKING_EXCHANGE, "", message, timeout=PUBLISH_TIMEOUT_S)
     log.warning("photo parked", extra={"photo_id": photo_id, "reason": reason, "attempts": attempts})
 
@@ -84,19 +74,15 @@ async def replay(broker: Broker, store: LocalStore) -> int:
         raise BrokerUnavailable(f"broker {broker.readiness()}")
     queue = broker.declared.queues[topology.PARKED_QUEUE]
     replayed = 0
-    while (message := await queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S)) is not None:
-        headers = {k: v for k, v in (message.headers or {}).items()
-                   if k not in (REASON_HEADER, ATTEMPT_HEADER, LAST_ERROR_HEADER) and not k.startswith("x-death")
-                   and k not in ("x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-                                 "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")}
-        headers[REPLAYED_HEADER] = True
-        fresh = aio_pika.Message(message.body, content_type="application/json",
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers)
+    while (message := await bounded(queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S),
+                                    "taking a parked message", timeout=PUBLISH_TIMEOUT_S * 2)) is not None:
+        # A new message: its attempts and the broker's delivery count start again.
+        fresh = messages.shipping_message(message.body, origin=messages.REPLAY)
         try:
             await broker.publish(topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY, fresh,
                                  timeout=PUBLISH_TIMEOUT_S)
         except BrokerUnavailable:
-            await message.nack(requeue=True)
+            await bounded(message.nack(requeue=True), "returning a parked message")
             raise
         try:
             photo_id = photos.PhotoMessage.from_json(message.body).id
@@ -104,7 +90,7 @@ async def replay(broker: Broker, store: LocalStore) -> int:
             photo_id = None
         if photo_id is not None:
             await store.delete(photos.parked_marker_key(photo_id))
-        await message.ack()
+        await bounded(message.ack(), "acknowledging a replayed message")
         replayed += 1
     leftover = [item["path"] async for page in store.list(photos.PARKED_PREFIX) for item in page]
     await store.delete_many(leftover)

@@ -25,6 +25,8 @@ import orjson
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PHOTO_ID_PATTERN = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{20})-([A-Za-z0-9._-]{1,64})")
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
 PHOTOS_PREFIX = "photos/"
 SHIPPED_PREFIX = "shipped/"
 PARKED_PREFIX = "parked/"
@@ -116,4 +118,13 @@ class PhotoMessage:
             raise ValueError(f"message names an invalid photo id or key: {message.id!r}")
         if not isinstance(message.size, int) or message.size < 0:
             raise ValueError(f"message has an invalid size: {message.size!r}")
+        if not isinstance(message.sha256, str) or not _SHA256_HEX.fullmatch(message.sha256):
+            raise ValueError(f"message has an invalid sha256: {message.sha256!r}")
+        for name in ("received_at", "captured_at"):
+            value = getattr(message, name)
+            try:
+                if not isinstance(value, str) or datetime.fromisoformat(value).tzinfo is None:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"message has an invalid {name}: {value!r}") from None
         return message

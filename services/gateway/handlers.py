@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import orjson
 from aiohttp import ClientError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from services.common import photos, tokens, topology
+from services.common import messages, photos, tokens, topology
 from services.common.broker import BrokerUnavailable
 from services.common.config import GatewayConfig
 from services.common.httpserver import log_fields
@@ -73,7 +71,7 @@ async def _upload(request: web.Request) -> web.Response:
         )
     metrics.in_flight_bytes.inc(reservation)
     try:
-        body = await _read_body(request, limit)
+        body = await _read_body(request, limit, config)
         metrics.received_bytes.inc(len(body))
         fields = upload.decode_body(body_format, body)
         device_id = upload.parse_device_id(fields)
@@ -91,12 +89,28 @@ async def _upload(request: web.Request) -> web.Response:
         metrics.in_flight_bytes.dec(reservation)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read the body, refusing it (413) as soon as it passes ``limit`` bytes."""
+async def _read_body(request: web.Request, limit: int, config: GatewayConfig) -> bytes:
+    """Read the body; refuse it (413) as soon as it passes ``limit`` bytes, and cut it (408)
+    when it stalls for ``body_timeout`` or falls behind ``body_min_rate`` on average
+    (counted from ``body_timeout`` after it began): a slow client holds its slot that long, no longer.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     chunks: list[bytes] = []
     received = 0
     try:
-        while chunk := await request.content.readany():
+        while True:
+            behind_at = started + config.body_timeout + received / config.body_min_rate
+            wait = min(config.body_timeout, behind_at - loop.time())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise _too_slow(config, received, stalled=wait >= config.body_timeout) from None
+            if not chunk:
+                break
             received += len(chunk)
             if received > limit:
                 raise Problem(413, f"body is larger than the {limit} bytes an upload may take")
@@ -104,6 +118,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     except (ConnectionError, ClientError, HttpProcessingError, asyncio.IncompleteReadError) as exc:
         raise Problem(400, f"the body could not be read completely: {exc}") from None
     return b"".join(chunks)
+
+
+def _too_slow(config: GatewayConfig, received: int, *, stalled: bool) -> Problem:
+    why = (f"no bytes arrived for {config.body_timeout:g} s" if stalled else
+           f"it arrived slower than {config.body_min_rate:g} bytes/s on average")
+    # Connection: close, so the rest of a stalled body is not waited for on this connection.
+    return Problem(408, f"the body was cut after {received} bytes: {why}; send it again",
+                   headers={"Connection": "close"})
 
 
 async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Response:
@@ -131,7 +153,7 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
             key, photo.image, content_type=photo.content_type, metadata=metadata
         )
         if created:
-            await _queue(request, photo_id, len(photo.image), photo.content_type, metadata)
+            await _queue(request, photo_id, len(photo.image), photo.content_type, metadata, origin=messages.UPLOAD)
             request.app[METRICS].stored_bytes.inc(len(photo.image))
             body = _description(photo_id, len(photo.image), photo.content_type, metadata, "queued")
             return json_response(body, status=201, headers={"Location": f"/v1/photos/{photo_id}"})
@@ -144,7 +166,8 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
                 raise _unavailable(config, "the photo changed in the store while it was being stored")
             # The first attempt may have stopped between storing and queueing; a
             # second message is harmless (an object is shipped once) and closes that gap.
-            await _queue(request, photo_id, stored.size, stored.content_type, stored.metadata)
+            await _queue(request, photo_id, stored.size, stored.content_type, stored.metadata,
+                         origin=messages.DEVICE_RETRY)
         body = _describe(photo_id, stored, shipped, parked=False)
         return json_response(body, status=200, headers={"Location": f"/v1/photos/{photo_id}"})
     except StoreUnavailable as exc:
@@ -153,7 +176,7 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
 
 
 async def _queue(
-    request: web.Request, photo_id: str, size: int, content_type: str, metadata: dict[str, str]
+    request: web.Request, photo_id: str, size: int, content_type: str, metadata: dict[str, str], *, origin: str
 ) -> None:
     config = request.app[CONFIG]
     shipping = photos.PhotoMessage(
@@ -166,15 +189,7 @@ async def _queue(
         captured_at=metadata["captured-at"],
         received_at=metadata["received-at"],
     )
-    # Few properties: each is marshalled in Python on the upload's path. The body
-    # says what the photo is; the message id makes each publish distinguishable.
-    message = aio_pika.Message(
-        shipping.to_json(),
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=uuid.uuid4().hex,
-        timestamp=datetime.now(UTC),
-    )
+    message = messages.shipping_message(shipping.to_json(), origin=origin)
     try:
         await request.app[BROKER].publish(
             topology.PHOTOS_EXCHANGE,

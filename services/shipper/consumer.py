@@ -2,99 +2,61 @@
 
 For each message: skip it if the photo is already marked shipped; otherwise copy
 it (``Transfer.ship``, which also skips a photo S3 already holds), write the
-``shipped/`` marker, and only then acknowledge. What fails goes back through the
-broker: a delayed retry (a TTL queue that returns it to the shipping queue), or
-the parking queue with a reason. The shipper never requeues a message itself, so
-the broker's delivery count only grows when a shipper dies holding it.
+``shipped/`` marker, and only then acknowledge. How an attempt ended decides
+what becomes of the message (``policy.decide``): acknowledged, a delayed retry
+(a TTL queue that returns it to the shipping queue), parked with a reason, or
+released at a stop. Every outcome has an answer, so no delivery is left
+unacknowledged; the shipper never requeues a message itself, so the broker's
+delivery count only grows when a shipper dies holding it.
 
-One loop keeps the pace: the site-wide cap (operator settings, else the
-schedule), this replica's share of it, the upload concurrency, and a heartbeat.
-
-The cap is global. Every replica announces in its heartbeat whether it is busy
-(has photos in hand), hears the others', and takes cap / busy replicas: an idle
-replica leaves its part to the others instead of wasting it. A replica that
-turns busy waits until the others have heard so (JOIN_DELAY_S) before it sends,
-so the shares never add up to more than the cap; while photos wait in the queue
-it stays busy for BUSY_GRACE_S after its last one, so a steady stream does not
-pay that wait, and when none wait it turns idle at once.
-
-Messages for one photo can arrive together (a device retrying a photo that is
-still queued queues it again): a replica ships them one after the other, so the
-later ones find the photo marked shipped instead of uploading it again.
+One supervised loop keeps the pace: the site-wide cap (operator settings, else
+the schedule), this replica's share of it (``pacing.CapShare``), consuming or
+not, the upload concurrency, and a heartbeat. Every call it makes to the broker
+is bounded, so it keeps going (and a stop stays prompt) through an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from services.common import parking, photos, topology
-from services.common.broker import Broker, BrokerUnavailable
+from services.common import messages, parking, photos, topology
+from services.common.broker import Broker, BrokerUnavailable, bounded
 from services.common.config import ShipperConfig
+from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.shipping import HEARTBEAT_EVERY_S, PEER_TTL_S, Heartbeat, ShippingControl, read_control
+from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippingControl, read_control
+from services.common.supervise import StepResult, Supervisor
+from services.shipper import policy
 from services.shipper.breaker import Breaker
 from services.shipper.concurrency import ConcurrencyController
+from services.shipper.locks import PhotoLocks
 from services.shipper.metrics import ShipperMetrics
-from services.shipper.transfer import (
-    Aborted,
-    LocalCorrupt,
-    LocalMissing,
-    LocalUnavailable,
-    Rejected,
-    Shipment,
-    Systemic,
-    Transfer,
-    Transient,
-)
+from services.shipper.pacing import CapShare
+from services.shipper.policy import Action, Decision
+from services.shipper.threads import Threads
+from services.shipper.transfer import Aborted, Shipment, Transfer, TransferError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TICK_S = 1.0
 BACKLOG_REFRESH_S = 2.0  # how often the queue depth is read
 CONTROL_REFRESH_S = 5.0
 CONCURRENCY_WINDOW_S = 5.0
-JOIN_DELAY_S = 0.25  # heartbeats cross the broker in milliseconds and peers re-split on receipt
-BUSY_GRACE_S = 2.0
-BROKER_TIMEOUT_S = 10.0
+BROKER_TIMEOUT_S = 10.0  # publishing a retry or a parked message
+ACK_TIMEOUT_S = 5.0
+CONSUMER_TIMEOUT_S = 3.0  # starting or stopping the consumer
+HEARTBEAT_TIMEOUT_S = 2.0
 ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
-
-
-class PhotoLocks:
-    """One lock per photo id, kept only while a message holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, photo_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(photo_id, (asyncio.Lock(), 0))
-        self._locks[photo_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[photo_id]
-            if users == 1:
-                del self._locks[photo_id]
-            else:
-                self._locks[photo_id] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
+QUIET_REPEAT_S = 60.0  # the same dependency warning, at most this often
 
 
 class Shipper:
@@ -115,90 +77,76 @@ class Shipper:
         self.metrics = metrics
         self.replica = replica
         self.limiter = transfer.limiter
+        self.pacing = CapShare(replica)
         self.breaker = Breaker(probe=self._probe, on_change=self._wake)
         self.concurrency = ConcurrencyController(initial=min(4, config.max_concurrency),
                                                  maximum=config.max_concurrency)
         self.control = ShippingControl()
-        self.cap = 0.0
-        self.share = 0.0
-        self.busy_replicas = 1
         self.backlog = 0
         self.egress = 0.0
         self.shipped_objects = 0
-        self._executor = ThreadPoolExecutor(max_workers=config.max_concurrency + 1, thread_name_prefix="transfer")
+        self._threads = Threads(config.max_concurrency + 1)
         self._consumer_tag: str | None = None
-        self._control_queue: AbstractQueue | None = None
-        self._status_queue: AbstractQueue | None = None
-        self._peers: dict[str, tuple[bool, float]] = {}  # replica -> (busy, when heard)
-        self._busy_until = 0.0  # announced busy until then (BUSY_GRACE_S after the last photo)
-        self._announced_busy = False
-        self._busy_announced_at = 0.0
-        self._may_send = asyncio.Event()
+        self._listeners: list[AbstractQueue] = []  # robust channels restore only what is referenced
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._photo_locks = PhotoLocks()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
-        self._loop_task: asyncio.Task[None] | None = None
-        self._poll_channel: Any = None
-        self._next_control = 0.0
-        self._next_heartbeat = 0.0
-        self._prefetch = 0
         self._ran_dry = False
-        self._leaving = False
+        self._prefetch = 0
+        self._next_control = self._next_backlog = self._next_concurrency = self._next_heartbeat = 0.0
+        self._last_granted, self._last_tick = self.limiter.granted, time.monotonic()
+        self._warned: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._pace(), name="shipper-pace")
+    def start(self, supervisor: Supervisor) -> None:
+        supervisor.start("shipper-pace", self._pace, every=TICK_S, wake=self._wakeup)
 
     async def on_broker_ready(self, broker: Broker) -> None:
-        """Listen for operator controls (the shipping consumer is started by the pace loop)."""
+        """Listen for operator controls and the other replicas' heartbeats."""
         assert broker.channel is not None and broker.declared is not None and broker.connection is not None
-        # Passive declares get a channel of their own: a failing one closes its channel.
-        self._poll_channel = await broker.connection.channel(publisher_confirms=False)
-        self._control_queue = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
-        await self._control_queue.bind(broker.declared.exchanges[topology.CONTROL_EXCHANGE])
-        await self._control_queue.consume(self._on_control, no_ack=True)
-        self._status_queue = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
-        await self._status_queue.bind(broker.declared.exchanges[topology.STATUS_EXCHANGE])
-        await self._status_queue.consume(self._on_heartbeat, no_ack=True)
+        listeners = []
+        for exchange, callback in ((topology.CONTROL_EXCHANGE, self._on_control),
+                                   (topology.STATUS_EXCHANGE, self._on_heartbeat)):
+            queue = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.bind(broker.declared.exchanges[exchange])
+            await queue.consume(callback, no_ack=True)
+            listeners.append(queue)
+        self._listeners = listeners
+        # The shipping consumer is not robust (the pace loop decides when to consume):
+        # after a reconnection it is gone, and the pace loop starts it again if it should.
+        broker.connection.reconnect_callbacks.add(self._on_reconnected)
         self._wake()
 
     async def stop(self) -> None:
         """Stop consuming, let shipments in flight finish (bounded), then release the rest."""
         self._stopping = True
-        await self._set_consuming(False)
+        self.pacing.may_send.set()  # photos still waiting for their turn are released at once
+        if self.broker.is_ready:
+            with self._dependency("stopping the consumer"):
+                await self._set_consuming(False)
+        self._consumer_tag = None
         if self._in_flight:
             log.info("stopping: finishing shipments in flight", extra={"in_flight": len(self._in_flight)})
-            try:
-                await asyncio.wait_for(self._idle.wait(), self.config.shutdown_timeout)
-            except TimeoutError:
+            if not await _wait(self._idle, self.config.shutdown_timeout):
                 # Give up on the rest: unacknowledged, they return to the queue when the
                 # connection closes, and the next shipper ships them.
                 log.warning("stopping with shipments unfinished; they will be redelivered",
                             extra={"in_flight": len(self._in_flight)})
                 self.transfer.abort.set()
-                try:
-                    await asyncio.wait_for(self._idle.wait(), ABORT_WAIT_S)
-                except TimeoutError:
+                if not await _wait(self._idle, ABORT_WAIT_S):
                     log.error("uploads did not stop; exiting anyway", extra={"in_flight": len(self._in_flight)})
         log.info("shipments settled; leaving", extra={"in_flight": len(self._in_flight)})
-        if self._loop_task is not None:
-            # A flag, not cancel(): Python 3.11's wait_for can swallow a cancellation that
-            # arrives as the awaited event fires, and the loop would never end.
-            self._leaving = True
-            self._wake()
-            await self._loop_task
         # Say goodbye, so the others take over this replica's share now, not after PEER_TTL_S.
-        self._announced_busy = False
-        try:
-            await self._publish_heartbeat()
-        except (BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
-            log.info("could not say goodbye to the other shippers", extra={"error": str(exc)})
+        self.pacing.leave()
+        if self.broker.is_ready:
+            with self._dependency("saying goodbye to the other shippers"):
+                await self._publish_heartbeat()
         await self.breaker.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._threads.close()
         log.info("shipper stopped")
 
     def state(self) -> str:
@@ -206,7 +154,7 @@ class Shipper:
             return "stopping"
         if self.breaker.open:
             return "breaker_open"
-        if self.cap <= 0:
+        if self.pacing.cap <= 0:
             return "paused"
         if self._consumer_tag is None:
             return "starting"
@@ -216,9 +164,9 @@ class Shipper:
         return Heartbeat(
             replica=self.replica,
             state=self.state(),
-            busy=self._announced_busy,
-            cap_bytes_per_s=self.cap,
-            share_bytes_per_s=self.share,
+            busy=self.pacing.announced_busy,
+            cap_bytes_per_s=self.pacing.cap,
+            share_bytes_per_s=self.pacing.share,
             egress_bytes_per_s=self.egress,
             sent_bytes_total=self.limiter.granted,
             shipped_objects_total=self.shipped_objects,
@@ -239,91 +187,58 @@ class Shipper:
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         peer = Heartbeat.from_json(message.body)
-        if peer is None or peer.replica == self.replica:
-            return
-        was_busy = self._peers.get(peer.replica, (False, 0.0))[0]
-        self._peers[peer.replica] = (peer.busy, time.monotonic())
-        if peer.busy != was_busy:
+        if peer is not None and self.pacing.hear(peer, time.monotonic()):
             self._wake()  # re-split the cap now, before the peer starts sending
 
-    async def _pace(self) -> None:
-        next_backlog = next_concurrency = 0.0
-        last_granted, last_tick = self.limiter.granted, time.monotonic()
-        while not self._leaving:
-            now = time.monotonic()
-            try:
-                if now >= self._next_control:
-                    self.control = await read_control(self.store)
-                    self._next_control = now + CONTROL_REFRESH_S
-                if now >= next_backlog or (self._ran_dry and not self._in_flight):
-                    self._ran_dry = False
-                    await self._refresh_backlog()
-                    next_backlog = now + BACKLOG_REFRESH_S
-                self._announce(now)
-                self._apply_cap(now)
-                await self._set_consuming(self._want_to_consume())
-                if now >= next_concurrency:
-                    await self._adapt_concurrency()
-                    next_concurrency = now + CONCURRENCY_WINDOW_S
-                granted = self.limiter.granted
-                self.metrics.sent_bytes.inc(granted - last_granted)
-                self.egress = 0.7 * self.egress + 0.3 * (granted - last_granted) / max(now - last_tick, 1e-3)
-                last_granted, last_tick = granted, now
-                self._export_gauges()
-                if now >= self._next_heartbeat:
-                    self._next_heartbeat = now + HEARTBEAT_EVERY_S
-                    await self._publish_heartbeat()
-            except (StoreUnavailable, BrokerUnavailable, *CONNECTION_EXCEPTIONS) as exc:
-                log.warning("shipping control loop could not reach a dependency", extra={"error": str(exc)})
-            except Exception:
-                # The loop keeps the cap and the consumer right; it must outlive a bug.
-                log.exception("shipping control loop failed; continuing")
-            self._wakeup.clear()
-            wait = TICK_S
-            if self._announced_busy and not self._may_send.is_set():
-                # Open the gate on time, not at the next tick.
-                wait = max(0.01, self._busy_announced_at + JOIN_DELAY_S - time.monotonic())
-            try:
-                async with asyncio.timeout(min(wait, TICK_S)):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+    def _on_reconnected(self, _connection: object) -> None:
+        self._consumer_tag = None
+        self._wake()
 
-    def _announce(self, now: float) -> None:
-        """Decide whether this replica is busy, and when it may send at its share."""
-        if self._in_flight:
-            self._busy_until = now + BUSY_GRACE_S
-        elif self.backlog == 0:
-            self._busy_until = min(self._busy_until, now)  # nothing waits: leave the cap to the others now
-        busy = now < self._busy_until
-        if busy != self._announced_busy:
+    async def _pace(self) -> StepResult:
+        """One round: settings, queue depth, busy or not, the share, consuming, concurrency, heartbeat."""
+        now = time.monotonic()
+        if now >= self._next_control:
+            self._next_control = now + CONTROL_REFRESH_S
+            with self._dependency("reading the operator's shipping settings"):
+                self.control = await read_control(self.store)
+        if (now >= self._next_backlog or (self._ran_dry and not self._in_flight)) and self.broker.is_ready:
+            self._ran_dry = False
+            self._next_backlog = now + BACKLOG_REFRESH_S
+            with self._dependency("reading the shipping queue's depth"):
+                self.backlog = (await self.broker.queue_depth(topology.SHIP_QUEUE))[topology.SHIP_QUEUE]
+        if self.pacing.announce(now, holding=bool(self._in_flight), waiting=self.backlog):
             self._next_heartbeat = now  # tell the others at once, either way
-            if busy:
-                self._busy_announced_at = now
-        self._announced_busy = busy
-        if busy and now - self._busy_announced_at >= JOIN_DELAY_S:
-            self._may_send.set()
-        elif not busy:
-            self._may_send.clear()
-
-    def _apply_cap(self, now: float) -> None:
-        self.cap = self.control.cap(self.config.schedule, datetime.now(UTC))
-        busy_peers = sum(1 for busy, heard in self._peers.values() if busy and now - heard < PEER_TTL_S)
-        self.busy_replicas = busy_peers + 1  # this replica's share, were it busy
-        self.share = self.cap / self.busy_replicas if self.cap > 0 else 0.0
+        share = self.pacing.split(self.control.cap(self.config.schedule, datetime.now(UTC)), now)
         # While paused, shipments in flight finish at the share they had.
-        if self.share > 0 and self.share != self.limiter.rate:
-            self.limiter.set_rate(self.share)
+        if share > 0 and share != self.limiter.rate:
+            self.limiter.set_rate(share)
+        with self._dependency("starting or stopping the consumer"):
+            await self._set_consuming(self._want_to_consume())
+        if now >= self._next_concurrency:
+            self._next_concurrency = now + CONCURRENCY_WINDOW_S
+            with self._dependency("changing the prefetch"):
+                await self._adapt_concurrency()
+        self._account(now)
+        if now >= self._next_heartbeat and self.broker.is_ready:
+            self._next_heartbeat = now + HEARTBEAT_EVERY_S
+            with self._dependency("publishing the heartbeat"):
+                await self._publish_heartbeat()
+        # Open the gate on time, not at the next tick.
+        return self.pacing.opens_in(time.monotonic())
 
-    async def _refresh_backlog(self) -> None:
-        if not self.broker.is_ready or self._poll_channel is None:
-            return
-        channel = await self._poll_channel.get_underlay_channel()
-        declared = await channel.queue_declare(topology.SHIP_QUEUE, passive=True)
-        self.backlog = int(declared.message_count or 0)
+    @contextlib.contextmanager
+    def _dependency(self, what: str) -> Iterator[None]:
+        """Carry on without what a dependency could not give this round; say so once a minute."""
+        try:
+            yield
+        except DEPENDENCY_ERRORS as exc:
+            now = time.monotonic()
+            if now - self._warned.get(what, -QUIET_REPEAT_S) >= QUIET_REPEAT_S:
+                self._warned[what] = now
+                log.warning("shipping loop: %s failed; carrying on", what, extra={"error": str(exc)})
 
     def _want_to_consume(self) -> bool:
-        return not self._stopping and self.cap > 0 and not self.breaker.open and self.broker.is_ready
+        return not self._stopping and self.pacing.cap > 0 and not self.breaker.open and self.broker.is_ready
 
     async def _set_consuming(self, want: bool) -> None:
         if want == (self._consumer_tag is not None) or self.broker.declared is None:
@@ -332,51 +247,56 @@ class Shipper:
         if want:
             assert self.broker.channel is not None
             self._prefetch = self._prefetch_limit(self.concurrency.limit)
-            await self.broker.channel.set_qos(prefetch_count=self._prefetch)
-            self._consumer_tag = await queue.consume(self._handle)
+            await bounded(self.broker.channel.set_qos(prefetch_count=self._prefetch), "setting the prefetch",
+                          timeout=CONSUMER_TIMEOUT_S)
+            self._consumer_tag = await bounded(queue.consume(self._handle, robust=False), "starting the consumer",
+                                               timeout=CONSUMER_TIMEOUT_S)
             log.info("consuming the shipping queue", extra={"prefetch": self._prefetch})
         else:
             tag, self._consumer_tag = self._consumer_tag, None
-            try:
-                await queue.cancel(tag)
-            except CONNECTION_EXCEPTIONS as exc:
-                log.warning("could not cancel the consumer", extra={"error": str(exc)})
-            log.info("stopped consuming", extra={"state": self.state()})
+            assert tag is not None
+            log.info("stopping consuming", extra={"state": self.state()})
+            await bounded(queue.cancel(tag), "stopping the consumer", timeout=CONSUMER_TIMEOUT_S)
 
     async def _adapt_concurrency(self) -> None:
         limit = self._prefetch_limit(self.concurrency.evaluate(
-            window_s=CONCURRENCY_WINDOW_S, share=self.share,
+            window_s=CONCURRENCY_WINDOW_S, share=self.pacing.share,
             backlog=self.backlog > 0 and self._consumer_tag is not None))
         if self.broker.channel is not None and self._consumer_tag is not None and limit != self._prefetch:
-            await self.broker.channel.set_qos(prefetch_count=limit)
+            await bounded(self.broker.channel.set_qos(prefetch_count=limit), "changing the prefetch",
+                          timeout=CONSUMER_TIMEOUT_S)
         self._prefetch = limit
 
     def _prefetch_limit(self, wanted: int) -> int:
         """Prefetch no more than ships well inside the broker's consumer timeout at this share:
         every prefetched photo (up to the largest allowed) must be sent within a third of it."""
-        if self.share <= 0:
+        if self.pacing.share <= 0:
             return wanted
-        fits = int(self.share * self.config.consumer_timeout / 3 / self.config.max_image_bytes)
+        fits = int(self.pacing.share * self.config.consumer_timeout / 3 / self.config.max_image_bytes)
         return max(1, min(wanted, fits))
 
-    async def _publish_heartbeat(self) -> None:
-        message = aio_pika.Message(self.heartbeat().to_json(), content_type="application/json",
-                                   expiration=int(HEARTBEAT_EVERY_S * 6))
-        await self.broker.publish(topology.STATUS_EXCHANGE, "", message, timeout=BROKER_TIMEOUT_S,
-                                  mandatory=False)
-
-    def _export_gauges(self) -> None:
+    def _account(self, now: float) -> None:
+        granted = self.limiter.granted
+        self.metrics.sent_bytes.inc(granted - self._last_granted)
+        self.egress = 0.7 * self.egress + 0.3 * (granted - self._last_granted) / max(now - self._last_tick, 1e-3)
+        self._last_granted, self._last_tick = granted, now
         m = self.metrics
-        m.cap.set(self.cap)
-        m.share.set(self.share)
+        m.cap.set(self.pacing.cap)
+        m.share.set(self.pacing.share)
         m.egress.set(self.egress)
         m.breaker_open.set(1 if self.breaker.open else 0)
         m.link_limited.set(1 if self.concurrency.link_limited else 0)
         m.concurrency.set(self.concurrency.limit)
         m.in_flight.set(len(self._in_flight))
 
+    async def _publish_heartbeat(self) -> None:
+        message = aio_pika.Message(self.heartbeat().to_json(), content_type="application/json",
+                                   expiration=int(HEARTBEAT_EVERY_S * 6))
+        await self.broker.publish(topology.STATUS_EXCHANGE, "", message, timeout=HEARTBEAT_TIMEOUT_S,
+                                  mandatory=False)
+
     async def _probe(self) -> None:
-        await self._in_thread(self.transfer.probe)
+        await self._threads.run(self.transfer.probe)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -385,10 +305,10 @@ class Shipper:
         assert task is not None
         self._in_flight.add(task)
         self._idle.clear()
-        if not self._announced_busy:
+        if not self.pacing.announced_busy:
             self._wake()  # announce now rather than at the next tick
         try:
-            await self._may_send.wait()
+            await self.pacing.may_send.wait()
             await self._ship(message)
         finally:
             self._in_flight.discard(task)
@@ -398,72 +318,35 @@ class Shipper:
                 self._wake()
 
     async def _ship(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
-        attempt = int(headers.get(parking.ATTEMPT_HEADER, 0) or 0)
-        try:
-            job = photos.PhotoMessage.from_json(message.body)
-        except ValueError as exc:
-            await self._park(message, None, f"not a shipping message: {exc}", attempt)
-            return
-        deliveries = int(headers.get("x-delivery-count", 0) or 0)
-        if deliveries >= topology.SHIP_DELIVERY_LIMIT - 1:
-            await self._park(message, job.id, f"delivered {deliveries + 1} times without an acknowledgement "
-                             "(a shipper may crash on it)", attempt)
-            return
-        async with self._photo_locks.hold(job.id):
-            await self._ship_job(message, job, attempt)
-
-    async def _ship_job(self, message: AbstractIncomingMessage, job: photos.PhotoMessage, attempt: int) -> None:
+        """Try the photo once and carry out what the policy decides."""
+        attempt = messages.attempt_of(message.headers)
+        job: photos.PhotoMessage | None = None
+        shipment: Shipment | None = None
+        outcome: BaseException | None = None
         started = time.monotonic()
         try:
-            if await self.store.exists(photos.shipped_marker_key(job.id)):
-                self.metrics.duplicates.inc()
-                await self._ack(message)
-                return
-            shipment = await self._in_thread(self.transfer.ship, job)
-            await self._mark_shipped(job, shipment)
-        except Aborted:
-            log.info("upload abandoned at stop; the message will be redelivered", extra={"photo_id": job.id})
-        except LocalMissing as exc:
-            await self._park(message, job.id, str(exc), attempt)
-        except LocalCorrupt as exc:
-            # Retried once (a bad read), then parked: the local copy itself is wrong.
-            if attempt >= 1:
-                await self._park(message, job.id, str(exc), attempt)
-            else:
-                await self._retry(message, attempt + 1, str(exc), kind="local_corrupt")
-        except Rejected as exc:
-            await self._park(message, job.id, f"S3 refused the photo: {exc}", attempt)
-        except Systemic as exc:
-            self.breaker.trip(str(exc))
-            await self._retry(message, attempt, str(exc), kind="systemic")
-        except Transient as exc:
-            self.breaker.record_transient(str(exc))
-            if exc.throttled:
-                self.concurrency.record_throttled()
-            if attempt + 1 >= self.config.max_attempts:
-                await self._park(message, job.id, f"gave up after {attempt + 1} attempts: {exc}", attempt + 1)
-            else:
-                await self._retry(message, attempt + 1, str(exc), kind="transient")
-        except (LocalUnavailable, StoreUnavailable) as exc:
-            # The site's own store is down: not the photo's fault, so no attempt is counted.
-            await self._retry(message, attempt, str(exc), kind="local_store")
-        else:
-            self.breaker.record_success()
-            await self._ack(message)
-            self.shipped_objects += 1
-            self.concurrency.record_sent(shipment.body_bytes)
-            lag = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(job.received_at)).total_seconds())
-            self.metrics.lag.observe(lag)
-            log.info("photo shipped" if shipment.uploaded else "photo already in S3",
-                     extra={"photo_id": job.id, "size": job.size, "remote_key": shipment.remote_key,
-                            "duration_ms": round((time.monotonic() - started) * 1000), "lag_s": round(lag, 1),
-                            "attempt": attempt})
-            if shipment.uploaded:
-                self.metrics.shipped_objects.inc()
-                self.metrics.shipped_bytes.inc(shipment.body_bytes)
-            else:
-                self.metrics.duplicates.inc()
+            if self._stopping:
+                raise Aborted("the shipper is stopping")
+            job = _parse(message)
+            async with self._photo_locks.hold(job.id):
+                shipment = await self._ship_job(job)
+        except Exception as exc:
+            outcome = exc
+            if not isinstance(exc, TransferError | policy.Malformed | policy.DeliveredTooOften | StoreUnavailable):
+                log.exception("unexpected failure while shipping a photo; it will be retried",
+                              extra={"photo_id": job.id if job else None})
+        decision = policy.decide(outcome, attempt=attempt, max_attempts=self.config.max_attempts)
+        await self._carry_out(message, job, decision)
+        if outcome is None and job is not None:
+            self._count_shipped(job, shipment, attempt, time.monotonic() - started)
+
+    async def _ship_job(self, job: photos.PhotoMessage) -> Shipment | None:
+        """Copy the photo and mark it shipped; None when its marker says it was shipped before."""
+        if await self.store.exists(photos.shipped_marker_key(job.id)):
+            return None
+        shipment = await self._threads.run(self.transfer.ship, job)
+        await self._mark_shipped(job, shipment)
+        return shipment
 
     async def _mark_shipped(self, job: photos.PhotoMessage, shipment: Shipment) -> None:
         await self.store.put(
@@ -481,14 +364,50 @@ class Shipper:
             },
         )
 
-    async def _retry(self, message: AbstractIncomingMessage, attempt: int, error: str, *, kind: str) -> None:
-        """Send the message back through a delay queue, then acknowledge this delivery."""
-        delay = topology.RETRY_DELAYS_S[min(max(attempt, 1), len(topology.RETRY_DELAYS_S)) - 1]
-        headers = {**(message.headers or {}), parking.ATTEMPT_HEADER: attempt,
-                   parking.LAST_ERROR_HEADER: error[:500]}
-        headers.pop("x-delivery-count", None)
-        retry = aio_pika.Message(message.body, content_type="application/json",
-                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers)
+    def _count_shipped(self, job: photos.PhotoMessage, shipment: Shipment | None, attempt: int,
+                       duration_s: float) -> None:
+        self.breaker.record_success()
+        uploaded = shipment is not None and shipment.uploaded
+        if shipment is not None:
+            self.shipped_objects += 1
+            self.concurrency.record_sent(shipment.body_bytes)
+            lag = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(job.received_at)).total_seconds())
+            self.metrics.lag.observe(lag)
+            log.info("photo shipped" if uploaded else "photo already in S3",
+                     extra={"photo_id": job.id, "size": job.size, "remote_key": shipment.remote_key,
+                            "duration_ms": round(duration_s * 1000), "lag_s": round(lag, 1), "attempt": attempt})
+        if uploaded:
+            assert shipment is not None
+            self.metrics.shipped_objects.inc()
+            self.metrics.shipped_bytes.inc(shipment.body_bytes)
+        else:
+            self.metrics.duplicates.inc()
+
+    async def _carry_out(self, message: AbstractIncomingMessage, job: photos.PhotoMessage | None,
+                         decision: Decision) -> None:
+        if decision.trip_breaker:
+            self.breaker.trip(decision.reason)
+        elif decision.transient:
+            self.breaker.record_transient(decision.reason)
+        if decision.throttled:
+            self.concurrency.record_throttled()
+        match decision.action:
+            case Action.ACK:
+                await self._ack(message)
+            case Action.RETRY:
+                await self._retry(message, decision)
+            case Action.PARK:
+                await self._park(message, job.id if job else None, decision)
+            case Action.RELEASE:
+                log.info("upload abandoned at stop; the message will be redelivered",
+                         extra={"photo_id": job.id if job else None})
+                await self._release(message)
+
+    async def _retry(self, message: AbstractIncomingMessage, decision: Decision) -> None:
+        """Send a new copy through a delay queue, then acknowledge this delivery."""
+        delay = topology.RETRY_DELAYS_S[min(max(decision.attempt, 1), len(topology.RETRY_DELAYS_S)) - 1]
+        retry = messages.shipping_message(message.body, origin=messages.RETRY, attempt=decision.attempt,
+                                          last_error=decision.reason)
         try:
             await self.broker.publish(topology.RETRY_EXCHANGE, topology.retry_queue(delay), retry,
                                       timeout=BROKER_TIMEOUT_S)
@@ -496,15 +415,15 @@ class Shipper:
             log.warning("could not schedule a retry; returning the message", extra={"error": str(exc)})
             await self._release(message)
             return
-        self.metrics.retries.labels(kind).inc()
-        log.info("shipment will be retried", extra={"kind": kind, "delay_s": delay, "attempt": attempt,
-                                                     "error": error})
+        self.metrics.retries.labels(decision.kind).inc()
+        log.info("shipment will be retried", extra={"kind": decision.kind, "delay_s": delay,
+                                                     "attempt": decision.attempt, "error": decision.reason})
         await self._ack(message)
 
-    async def _park(self, message: AbstractIncomingMessage, photo_id: str | None, reason: str, attempts: int) -> None:
+    async def _park(self, message: AbstractIncomingMessage, photo_id: str | None, decision: Decision) -> None:
         try:
-            await parking.park(self.broker, self.store, message.body, photo_id=photo_id, reason=reason,
-                               attempts=attempts)
+            await parking.park(self.broker, self.store, message.body, photo_id=photo_id, reason=decision.reason,
+                               attempts=decision.attempt)
         except (BrokerUnavailable, StoreUnavailable) as exc:
             log.warning("could not park a photo; returning the message", extra={"error": str(exc)})
             await self._release(message)
@@ -514,20 +433,36 @@ class Shipper:
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
-            await message.ack()
-        except CONNECTION_EXCEPTIONS as exc:
+            await bounded(message.ack(), "acknowledging", timeout=ACK_TIMEOUT_S)
+        except BrokerUnavailable as exc:
             # The channel broke: the broker redelivers, and the marker makes that harmless.
             log.warning("acknowledgement lost; the message will be redelivered", extra={"error": str(exc)})
 
     async def _release(self, message: AbstractIncomingMessage) -> None:
         try:
-            await message.nack(requeue=True)
-        except CONNECTION_EXCEPTIONS as exc:
+            await bounded(message.nack(requeue=True), "returning a message", timeout=ACK_TIMEOUT_S)
+        except BrokerUnavailable as exc:
             log.warning("could not return a message; the broker will", extra={"error": str(exc)})
 
-    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        # The copy of the context carries the trace into the worker thread.
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(context.run, function, *args)
-        )
+
+def _parse(message: AbstractIncomingMessage) -> photos.PhotoMessage:
+    """The photo a message asks to ship; raise what the policy parks."""
+    try:
+        job = photos.PhotoMessage.from_json(message.body)
+    except ValueError as exc:
+        raise policy.Malformed(f"not a shipping message: {exc}") from None
+    deliveries = messages.delivery_count(message.headers)
+    if deliveries >= topology.SHIP_DELIVERY_LIMIT - 1:
+        raise policy.DeliveredTooOften(f"delivered {deliveries + 1} times without an acknowledgement "
+                                       "(a shipper may crash on it)")
+    return job
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds; whether it came."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

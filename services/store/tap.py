@@ -17,15 +17,11 @@ from collections import deque
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from services.common import parking, photos, topology
+from services.common import messages, photos, topology
 from services.common.broker import Broker
 from services.common.shipping import PEER_TTL_S, Heartbeat
 
 log = logging.getLogger(__name__)
-
-# Marks the reconciler's messages. A message that is not a first publish also
-# carries x-death (a retry returning from a delay queue) or parking's replay header.
-RECONCILED_HEADER = "x-photoferry-reconciled"
 
 
 def id_hash(photo_id: str) -> int:
@@ -83,9 +79,7 @@ class Tap:
         except ValueError:
             return  # the shipper parks what is not a shipping message
         self.saw(job.id)
-        headers = message.headers or {}
-        if any(h in headers for h in ("x-death", parking.ATTEMPT_HEADER, parking.REPLAYED_HEADER,
-                                      RECONCILED_HEADER)):
+        if not messages.is_first_publish(message.headers):
             return
         self.ingest_bytes.add(job.size)
         self.ingest_photos.add(1)
