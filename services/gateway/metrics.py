@@ -13,6 +13,7 @@ OUTCOMES = {
     400: "bad_request",
     401: "unauthenticated",
     403: "forbidden",
+    408: "timed_out",
     413: "too_large",
     415: "unsupported",
     422: "unprocessable",
