@@ -20,7 +20,18 @@ from services.common.broker import Broker
 from services.common.localstore import LocalStore
 from services.common.shipping import ShippingControl
 from tests.conftest import start_service, stop_cleanly
-from tests.helpers import Site, auth, jpeg, photo, remote_keys, set_control, store_settings, upload, upload_many
+from tests.helpers import (
+    Site,
+    auth,
+    jpeg,
+    metric_value,
+    photo,
+    remote_keys,
+    set_control,
+    store_settings,
+    upload,
+    upload_many,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -99,13 +110,17 @@ def test_a_duplicate_message_uploads_nothing(gateway: ServiceProcess, shipper: S
         content_type="image/jpeg", device_id="cam-dup", captured_at="2026-01-01T00:00:00.000000Z",
         received_at="2026-01-01T00:00:00.000000Z",
     )
-    # Once with the shipped marker in place, once without it (S3 itself is then asked).
+    # Once with the shipped marker in place, once without it (S3 itself is then asked). The
+    # duplicates counter says the shipper has handled the copy; the proxy, that nothing was uploaded.
     for forget_marker in (False, True):
         if forget_marker:
             local.delete_object(Bucket=site.store_bucket, Key=photos.shipped_marker_key(photo_id))
+        duplicates = _duplicates(shipper)
         sent_before = proxy.total()
         publish(site, message.to_json())
-        wait_until(lambda: _marked(site, photo_id) and _queue_empty(site), timeout=30, what="duplicate handled")
+        wait_until(lambda before=duplicates: _duplicates(shipper) == before + 1,  # type: ignore[misc]
+                   timeout=30, what="the duplicate handled")
+        wait_until(lambda: _marked(site, photo_id) and _queue_empty(site), timeout=10, what="acknowledged")
         assert proxy.total() - sent_before < 10_000, "the photo was uploaded a second time"
     assert remote_sha256(site, photo_id) == expected[photo_id]
 
@@ -249,6 +264,10 @@ def replay(site: Site) -> int:
             await broker.close()
 
     return asyncio.run(run())
+
+
+def _duplicates(shipper: ServiceProcess) -> float:
+    return metric_value(shipper.url, "photoferry_shipper_duplicates_total")
 
 
 def _exists(site: Site, key: str) -> bool:

@@ -23,10 +23,23 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from devtools.servers import ServiceProcess, wait_until
-from services.common import photos, topology
+from services.common import parking, photos, topology
+from services.common.broker import Broker
+from services.common.localstore import LocalStore
 from services.common.s3 import ensure_bucket
 from tests.conftest import start_service, stop_cleanly
-from tests.helpers import ADMIN_TOKEN, Site, assert_problem, auth, jpeg, metric_value, photo, upload, upload_many
+from tests.helpers import (
+    ADMIN_TOKEN,
+    Site,
+    assert_problem,
+    auth,
+    jpeg,
+    metric_value,
+    photo,
+    store_settings,
+    upload,
+    upload_many,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -200,6 +213,51 @@ def test_a_purged_queue_is_refilled_but_a_healthy_backlog_is_not_duplicated(
     finally:
         assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
     wait_until(lambda: all(_in_remote(site, i) for i in expected), timeout=60, what="all shipped", interval=1)
+
+
+def test_photos_parked_with_a_reason_do_not_hide_photos_without_a_message(
+    keeper: ServiceProcess, shipper: ServiceProcess, site: Site, paused: None
+) -> None:
+    """Parked photos are not counted as unshipped, so their messages must not be counted as queued."""
+
+    def store_photo(device: str) -> tuple[str, bytes]:
+        image = jpeg(10_000)
+        sha = hashlib.sha256(image).hexdigest()
+        photo_id = photos.photo_id(device, datetime.now(UTC), sha)
+        site.local_client().put_object(
+            Bucket=site.store_bucket, Key=photos.object_key(photo_id), Body=image, ContentType="image/jpeg",
+            Metadata={"sha256": sha, "device-id": device, "captured-at": "2026-03-03T00:00:00.000000Z",
+                      "received-at": "2026-03-03T00:00:00.000000Z"})
+        return photo_id, image
+
+    async def park(parked: list[tuple[str, bytes]]) -> None:
+        broker = Broker(site.amqp_url, name="test-park")
+        broker.start()
+        try:
+            await asyncio.wait_for(broker.connected(), 20)
+            for photo_id, image in parked:
+                body = photos.PhotoMessage(
+                    id=photo_id, key=photos.object_key(photo_id), size=len(image),
+                    sha256=hashlib.sha256(image).hexdigest(), content_type="image/jpeg",
+                    device_id=photos.owner_of(photo_id), captured_at="2026-03-03T00:00:00.000000Z",
+                    received_at="2026-03-03T00:00:00.000000Z").to_json()
+                await parking.park(broker, LocalStore(store_settings(site)), body, photo_id=photo_id,
+                                   reason="test: parked by hand", attempts=8)
+        finally:
+            await broker.close()
+
+    sweep(keeper)
+    reconciled = metric_value(keeper.url, "photoferry_store_reconciled_total")
+    asyncio.run(park([store_photo(f"cam-parked-{i}") for i in range(3)]))
+    orphans = [store_photo(f"cam-nomessage-{i}")[0] for i in range(3)]
+    # Candidates once stored for a sweep interval (3 s); sweeps run every 3 s on their own.
+    wait_until(lambda: metric_value(keeper.url, "photoferry_store_reconciled_total") >= reconciled + 3,
+               timeout=30, what="the three photos without a message re-enqueued", interval=1)
+    sweep(keeper)
+    assert metric_value(keeper.url, "photoferry_store_reconciled_total") == reconciled + 3
+    queued = [photos.PhotoMessage.from_json(m.body).id for m in site.drain()]
+    assert sorted(i for i in queued if i in orphans) == sorted(orphans)
+    assert operator(keeper, "POST", "/api/parked/replay").status_code == 200
 
 
 def test_retention_deletes_only_shipped_copies_older_than_the_retention(

@@ -1,0 +1,69 @@
+"""The broker connection: retried set-up, bounded calls, and a close that never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from devtools.servers import free_port
+from services.common import topology
+from services.common.broker import Broker, BrokerUnavailable
+from tests.helpers import Site
+
+pytestmark = pytest.mark.servers
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("channel closed under us"), KeyError("a bug in on_ready")])
+def test_a_failing_on_ready_is_retried_until_the_service_is_ready(site: Site, failure: Exception) -> None:
+    calls = 0
+
+    async def on_ready(broker: Broker) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise failure
+
+    async def scenario() -> str:
+        broker = Broker(site.amqp_url, name="test-on-ready", on_ready=on_ready)
+        broker.start()
+        try:
+            await asyncio.wait_for(broker.connected(), 20)
+            return broker.readiness()
+        finally:
+            await broker.close()
+
+    assert asyncio.run(scenario()) == "ok"
+    assert calls == 2
+
+
+def test_queue_depth_answers_and_a_missing_queue_is_a_clear_error(site: Site) -> None:
+    async def scenario() -> None:
+        broker = Broker(site.amqp_url, name="test-depth")
+        broker.start()
+        try:
+            await asyncio.wait_for(broker.connected(), 20)
+            with pytest.raises(BrokerUnavailable, match="queue figures"):
+                await broker.queue_depth("no-such-queue")
+            depths = await broker.queue_depth(topology.SHIP_QUEUE, topology.PARKED_QUEUE)
+            assert set(depths) == {topology.SHIP_QUEUE, topology.PARKED_QUEUE}
+        finally:
+            await broker.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_while_no_broker_answers_is_prompt() -> None:
+    async def scenario() -> float:
+        broker = Broker(f"amqp://guest:guest@127.0.0.1:{free_port()}/", name="test-nobody")
+        broker.start()
+        await asyncio.sleep(1)
+        assert broker.readiness() == "connecting"
+        with pytest.raises(BrokerUnavailable):
+            await broker.queue_depth(topology.SHIP_QUEUE)
+        started = time.monotonic()
+        await broker.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 6
