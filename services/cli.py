@@ -7,9 +7,12 @@
     photoferry parked                   parked photos and why
     photoferry replay                   send parked photos back to shipping
     photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
+    photoferry fleet --devices N ...    simulate a site's devices (needs PHOTOFERRY_DEVICE_SECRET)
 
 The operator commands talk to PHOTOFERRY_STORE_URL (default http://127.0.0.1:8081)
-with PHOTOFERRY_ADMIN_TOKEN.
+with PHOTOFERRY_ADMIN_TOKEN. ``fleet`` posts to PHOTOFERRY_GATEWAY_URL (or
+--gateway) and, with --verify, checks the remote bucket the shipper uses
+(PHOTOFERRY_S3_ENDPOINT, PHOTOFERRY_S3_BUCKET, PHOTOFERRY_S3_PREFIX, AWS_*).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from services.common.config import CliConfig
+from services.common.config import CliConfig, ConfigError
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.tokens import device_token
-from services.common.units import format_bytes
+from services.common.units import format_bytes, parse_duration, parse_size
 
 
 class CliError(Exception):
@@ -136,6 +139,63 @@ def _token(config: CliConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(config: CliConfig, args: argparse.Namespace) -> int:
+    from services.devices.fleet import Fleet, FleetPlan, terminal_progress
+
+    if not config.device_secret:
+        raise CliError("set PHOTOFERRY_DEVICE_SECRET to the site's device secret")
+    try:
+        plan = FleetPlan(gateway=(args.gateway or config.gateway_url).rstrip("/"), devices=args.devices,
+                         per_minute=args.per_minute, duration_s=parse_duration(args.duration),
+                         size=parse_size(args.size), fmt=args.format, burst=args.burst,
+                         drain_s=parse_duration(args.drain), workers=args.workers, seed=args.seed)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if plan.devices < 1 or plan.per_minute <= 0 or plan.workers < 1:
+        raise CliError("--devices, --per-minute and --workers must be above zero")
+    fleet = Fleet(plan, secret=config.device_secret, progress=terminal_progress)
+    report = fleet.run()
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    summary = {k: v for k, v in report.items() if k != "photos"}
+    print(json.dumps(summary, indent=2))
+    failed = report["failed"] > 0
+    if args.verify:
+        failed = not _verify(config, args, report) or failed
+    if args.report:
+        with open(args.report, "w") as out:
+            json.dump(report, out, indent=1)
+    return 1 if failed else 0
+
+
+def _verify(config: CliConfig, args: argparse.Namespace, report: dict[str, Any]) -> bool:
+    from services.common.s3 import s3_client
+    from services.devices.verify import check_arrivals, expected_of
+
+    bucket = args.s3_bucket or config.remote_bucket
+    if not bucket:
+        raise CliError("--verify needs the remote bucket: --s3-bucket or PHOTOFERRY_S3_BUCKET")
+    endpoint = args.s3_endpoint or config.remote_endpoint
+    prefix = config.remote_prefix if args.s3_prefix is None else args.s3_prefix
+    client = s3_client(endpoint)
+
+    def progress(arrived: int, expected: int) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write(f"\rin the remote bucket: {arrived} of {expected}\x1b[K")
+
+    arrival = check_arrivals(client, bucket, prefix, expected_of(report["photos"]),
+                             timeout_s=parse_duration(args.verify_timeout), progress=progress)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"verified: {len(arrival.arrived) - len(arrival.different)} of {len(report['photos'])} accepted photos "
+          f"in s3://{bucket}/{prefix} with the SHA-256 the devices sent")
+    for photo_id in arrival.missing:
+        print(f"missing    {photo_id}")
+    for photo_id in arrival.different:
+        print(f"different  {photo_id}")
+    return not arrival.missing and not arrival.different
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photoferry", description="Operate a photoferry site.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print the bearer token of a device")
     token.add_argument("device_id")
     token.set_defaults(run=_token)
+    fleet = commands.add_parser("fleet", help="simulate a site's devices sending photos to a gateway")
+    fleet.add_argument("--gateway", help="the gateway's URL (default PHOTOFERRY_GATEWAY_URL)")
+    fleet.add_argument("--devices", type=int, default=1000)
+    fleet.add_argument("--per-minute", type=float, default=2.0, help="photos per device per minute")
+    fleet.add_argument("--duration", default="10m", help="how long devices send, e.g. 10m")
+    fleet.add_argument("--size", default="250KB", help="mean photo size")
+    fleet.add_argument("--format", choices=("json", "msgpack", "mixed"), default="json")
+    fleet.add_argument("--burst", action="store_true", help="every device sends one photo at the same instant")
+    fleet.add_argument("--drain", default="2m", help="after the last send, how long retries may go on")
+    fleet.add_argument("--workers", type=int, default=64, help="requests in flight at most")
+    fleet.add_argument("--seed", type=int, help="the same seed sends the same photo sizes and phases")
+    fleet.add_argument("--report", help="write the report (JSON) here")
+    fleet.add_argument("--verify", action="store_true", help="wait until every accepted photo is in S3")
+    fleet.add_argument("--verify-timeout", default="10m")
+    fleet.add_argument("--s3-endpoint", help="the remote's endpoint (default PHOTOFERRY_S3_ENDPOINT, else AWS)")
+    fleet.add_argument("--s3-bucket", help="the remote bucket (default PHOTOFERRY_S3_BUCKET)")
+    fleet.add_argument("--s3-prefix", help="the shipper's key prefix (default PHOTOFERRY_S3_PREFIX)")
+    fleet.set_defaults(run=_fleet)
     return parser
 
 
@@ -162,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(CliConfig.from_env(os.environ), args))
+    except ConfigError as exc:
+        print(f"photoferry {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
     except CliError as exc:
         print(f"photoferry {args.command}: {exc}", file=sys.stderr)
         return 2

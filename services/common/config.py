@@ -347,6 +347,10 @@ class CliConfig:
     device_secret: str | None
     store_url: str  # the store keeper's operator API
     admin_token: str | None
+    gateway_url: str  # where ``photoferry fleet`` sends
+    remote_endpoint: str | None  # the remote S3 that ``photoferry fleet --verify`` checks (None: AWS)
+    remote_bucket: str | None
+    remote_prefix: str
 
     @classmethod
     def from_env(cls, env: Env) -> CliConfig:
@@ -354,4 +358,8 @@ class CliConfig:
             device_secret=env.get("PHOTOFERRY_DEVICE_SECRET") or None,
             store_url=optional(env, "PHOTOFERRY_STORE_URL", "http://127.0.0.1:8081").rstrip("/"),
             admin_token=env.get("PHOTOFERRY_ADMIN_TOKEN") or None,
+            gateway_url=optional(env, "PHOTOFERRY_GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/"),
+            remote_endpoint=optional_endpoint_url(env, "PHOTOFERRY_S3_ENDPOINT"),
+            remote_bucket=env.get("PHOTOFERRY_S3_BUCKET", "").strip() or None,
+            remote_prefix=optional(env, "PHOTOFERRY_S3_PREFIX", ""),
         )

@@ -1,0 +1,1 @@
+"""Devices: the reference device client, realistic photos, and a fleet that simulates a site."""
