@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
+.PHONY: up test chaos lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -24,6 +24,12 @@ test: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	./devtools/system-deps.sh chromium
 	$(BIN)/python -m pytest
+
+## chaos: rounds of random faults under load, each followed by a ledger (about 5 minutes a round)
+CHAOS_ARGS ?= --rounds 3
+chaos: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m devtools.chaos $(CHAOS_ARGS)
 
 ## lint: ruff over the code
 lint: $(INSTALLED)

@@ -1,11 +1,21 @@
-"""A byte-counting TCP proxy: put it in front of the remote S3 to see what crosses the uplink.
+"""A byte-counting TCP proxy that can also misbehave, as links do.
 
-It records, in 10 ms buckets, the bytes clients send upstream (requests and
-bodies: the egress a site pays for), can cut the link (refuse and drop every
-connection) and can slow it down (a link slower than the cap). It runs in a
-process of its own, so whoever reads its figures cannot delay its reading (a
-delayed read would show as a burst the client never made); ``CountingProxy``
-starts it and talks to its small control API.
+Put it in front of the remote S3 to see what crosses the uplink, or between the
+services and the broker to hurt that link. It records, in 10 ms buckets, the
+bytes clients send upstream (requests and bodies: the egress a site pays for),
+and on command it can
+
+- cut the link: drop every connection and refuse new ones;
+- slow it down: a link slower than the cap (``set_bandwidth``);
+- delay it: every chunk, both ways, arrives ``set_latency`` seconds late;
+- go half-open (``set_blackhole``): connections stay up but nothing gets through
+  either way, as when packets vanish on the path. TCP keeps what was sent and
+  delivers it once the path heals (so the bytes are held here, not dropped);
+  until then only the clients' own timeouts and heartbeats notice.
+
+It runs in a process of its own, so whoever reads its figures cannot delay its
+reading (a delayed read would show as a burst the client never made);
+``CountingProxy`` starts it and talks to its small control API.
 
     proxy = CountingProxy("127.0.0.1", 9100).start()
     ...
@@ -71,6 +81,14 @@ class CountingProxy:
         """Make the link this slow upstream (None: as fast as loopback)."""
         self._call("POST", "bandwidth", {"bytes_per_s": bytes_per_s})
 
+    def set_latency(self, seconds: float) -> None:
+        """Delay every chunk, both ways, by ``seconds`` (0: none)."""
+        self._call("POST", "latency", {"seconds": seconds})
+
+    def set_blackhole(self, on: bool) -> None:
+        """Half-open: keep connections up but let nothing through (False: heal)."""
+        self._call("POST", "blackhole", {"on": on})
+
     def reset(self) -> None:
         self._call("POST", "reset")
 
@@ -97,6 +115,9 @@ class _Proxy:
         self.port = port
         self.counts: Counter[int] = Counter()
         self.bandwidth: float | None = None
+        self.latency = 0.0
+        self.flowing = asyncio.Event()  # cleared while the path is a black hole
+        self.flowing.set()
         self._link_free_at = 0.0
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -134,7 +155,7 @@ class _Proxy:
         buffer and release them later as a burst the client never made. The far
         side of a real uplink buffers the same way.
         """
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         forward = asyncio.create_task(self._forward(queue, writer))
         try:
             with contextlib.suppress(ConnectionError, OSError):
@@ -145,24 +166,35 @@ class _Proxy:
                         self._link_free_at = max(now, self._link_free_at) + len(data) / self.bandwidth
                         await asyncio.sleep(self._link_free_at - now)
                     self.counts[int(time.monotonic() / BUCKET_S)] += len(data)
-                    queue.put_nowait(data)
+                    queue.put_nowait((time.monotonic() + self.latency, data))
         finally:
-            queue.put_nowait(b"")
+            queue.put_nowait((0.0, b""))
             await forward
 
-    async def _forward(self, queue: asyncio.Queue[bytes], writer: asyncio.StreamWriter) -> None:
+    async def _forward(self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
-            while data := await queue.get():
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                if due > time.monotonic():
+                    await asyncio.sleep(due - time.monotonic())
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.transport.abort()
+        """Server to client: delayed and swallowed like the uplink, not counted."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        forward = asyncio.create_task(self._forward(queue, writer))
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(65536):
+                    queue.put_nowait((time.monotonic() + self.latency, data))
+        finally:
+            queue.put_nowait((0.0, b""))
+            await forward
 
 
 def _control_app(proxy: _Proxy) -> web.Application:
@@ -186,9 +218,21 @@ def _control_app(proxy: _Proxy) -> web.Application:
         proxy.bandwidth = (await request.json())["bytes_per_s"]
         return web.json_response({})
 
+    async def latency(request: web.Request) -> web.Response:
+        proxy.latency = float((await request.json())["seconds"])
+        return web.json_response({})
+
+    async def blackhole(request: web.Request) -> web.Response:
+        if (await request.json())["on"]:
+            proxy.flowing.clear()
+        else:
+            proxy.flowing.set()
+        return web.json_response({})
+
     app = web.Application()
     app.add_routes([web.get("/counts", counts), web.post("/reset", reset), web.post("/cut", cut),
-                    web.post("/restore", restore), web.post("/bandwidth", bandwidth)])
+                    web.post("/restore", restore), web.post("/bandwidth", bandwidth),
+                    web.post("/latency", latency), web.post("/blackhole", blackhole)])
     return app
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECONNECT_INTERVAL_S = 2.0
+HEARTBEAT_S = 10  # unless the URL says otherwise (?heartbeat=N)
 CONNECT_WAIT_S = 5.0  # one round of waiting for the connection, before the loop looks again
 SETUP_TIMEOUT_S = 15.0  # declaring the topology and the service's on_ready
 QUERY_TIMEOUT_S = 5.0
@@ -89,8 +90,12 @@ class Broker:
         """One round of getting connected and set up; DONE once ready."""
         if self.connection is None:
             # fail_fast=False: the robust connection keeps retrying the first connection itself.
+            url = make_url(self._url)
+            if "heartbeat" not in url.query:
+                # A link whose packets vanish is noticed after two missed heartbeats, not ten minutes.
+                url = url.update_query(heartbeat=HEARTBEAT_S)
             self.connection = aio_pika.RobustConnection(
-                make_url(self._url),
+                url,
                 fail_fast=False,
                 reconnect_interval=RECONNECT_INTERVAL_S,
                 client_properties={"connection_name": self._name},

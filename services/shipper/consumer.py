@@ -57,6 +57,7 @@ CONSUMER_TIMEOUT_S = 3.0  # starting or stopping the consumer
 HEARTBEAT_TIMEOUT_S = 2.0
 ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
 QUIET_REPEAT_S = 60.0  # the same dependency warning, at most this often
+STARVED_AFTER_S = 30.0  # photos wait, yet nothing is delivered: the consumer is started again
 
 
 class Shipper:
@@ -99,6 +100,7 @@ class Shipper:
         self._next_control = self._next_backlog = self._next_concurrency = self._next_heartbeat = 0.0
         self._last_granted, self._last_tick = self.limiter.granted, time.monotonic()
         self._warned: dict[str, float] = {}
+        self._starved_since: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -213,6 +215,7 @@ class Shipper:
         if share > 0 and share != self.limiter.rate:
             self.limiter.set_rate(share)
         with self._dependency("starting or stopping the consumer"):
+            await self._watch_deliveries(now)
             await self._set_consuming(self._want_to_consume())
         if now >= self._next_concurrency:
             self._next_concurrency = now + CONCURRENCY_WINDOW_S
@@ -257,6 +260,21 @@ class Shipper:
             assert tag is not None
             log.info("stopping consuming", extra={"state": self.state()})
             await bounded(queue.cancel(tag), "stopping the consumer", timeout=CONSUMER_TIMEOUT_S)
+
+    async def _watch_deliveries(self, now: float) -> None:
+        """Start the consumer again when photos wait but none arrive (the broker dropped the
+        consumer without telling, or its deliveries were lost): a safety net, not the normal path."""
+        starved = self._consumer_tag is not None and self.backlog > 0 and not self._in_flight
+        if not starved:
+            self._starved_since = None
+            return
+        if self._starved_since is None:
+            self._starved_since = now
+        elif now - self._starved_since >= STARVED_AFTER_S:
+            log.warning("photos wait in the queue but the broker delivers none; starting the consumer again",
+                        extra={"waiting": self.backlog, "for_s": round(now - self._starved_since)})
+            self._starved_since = None
+            await self._set_consuming(False)
 
     async def _adapt_concurrency(self) -> None:
         limit = self._prefetch_limit(self.concurrency.evaluate(
