@@ -57,35 +57,23 @@ def _call(config: CliConfig, method: str, path: str, body: object = None) -> Any
                        "set PHOTOFERRY_STORE_URL") from None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "never at current rates"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def _status(config: CliConfig, args: argparse.Namespace) -> int:
     s = _call(config, "GET", "/api/status")
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     rate = lambda n: f"{format_bytes(n)}/s"  # noqa: E731 (a local shorthand)
+    text = s["text"]
     lines = [
-        f"backlog      {s['backlog_objects']} photos, {format_bytes(s['backlog_bytes'])}; oldest waiting "
-        f"{_duration(s['oldest_unshipped_age_s']) if s['oldest_unshipped_age_s'] is not None else '-'}",
+        f"backlog      {text['backlog']}; oldest waiting {text['oldest_unshipped_age']}",
         f"rates        in {rate(s['ingest_bytes_per_s'])}, out {rate(s['egress_bytes_per_s'])}, "
         f"cap {rate(s['cap_bytes_per_s'])}",
-        f"drains in    {_duration(s['eta_drain_s']) if s['backlog_bytes'] else 'drained'}",
+        f"drains       {text['eta_drain']}",
         f"store        {s['store_fill']:.0%} full: {format_bytes(s['store_used_bytes'])} of "
         f"{format_bytes(s['store_capacity_bytes'])}"
         + ("" if s["store_disk_total_bytes"] is None else
            f", disk {format_bytes(s['store_disk_free_bytes'])} free of {format_bytes(s['store_disk_total_bytes'])}")
-        + f", full in {_duration(s['store_full_eta_s'])}; "
+        + f", full {text['store_full']}; "
         + ("taking uploads" if s["admission"]["open"] else f"REFUSING uploads: {s['admission']['reason']}"),
         f"shipping     {s['shipping']}, {len(s['shippers'])} shipper(s)"
         + ("; the link is slower than the cap" if s["link_limited"] else ""),

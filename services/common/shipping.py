@@ -127,3 +127,25 @@ class Heartbeat:
         except (ValueError, TypeError) as exc:
             log.warning("unreadable heartbeat", extra={"error": str(exc)})
             return None
+
+
+@dataclass(frozen=True)
+class ShippedNotice:
+    """Photos a shipper replica marked shipped since its last notice: (id, size) each."""
+
+    replica: str
+    photos: list[tuple[str, int]]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, body: bytes) -> ShippedNotice | None:
+        try:
+            data: dict[str, Any] = orjson.loads(body)
+            return cls(replica=str(data["replica"]),
+                       photos=[(str(photo_id), int(size)) for photo_id, size in data["photos"]])
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("unreadable shipped notice", extra={"error": str(exc)})
+            return None
+

@@ -27,6 +27,8 @@ RETRY_EXCHANGE = "photoferry.retry"
 # through these; each consumer binds a temporary queue of its own.
 CONTROL_EXCHANGE = "photoferry.control"
 STATUS_EXCHANGE = "photoferry.status"
+# Shippers say which photos they shipped, so the store keeper's backlog follows at once.
+SHIPPED_EXCHANGE = "photoferry.shipped"
 SHIP_QUEUE = "photoferry.ship"
 PARKED_QUEUE = "photoferry.parked"
 SHIP_ROUTING_KEY = "ship"
@@ -71,6 +73,7 @@ EXCHANGES = (
     Exchange(RETRY_EXCHANGE, "direct"),
     Exchange(CONTROL_EXCHANGE, "fanout"),
     Exchange(STATUS_EXCHANGE, "fanout"),
+    Exchange(SHIPPED_EXCHANGE, "fanout"),
 )
 
 QUEUES = (

@@ -95,3 +95,21 @@ def format_bytes(count: float) -> str:
         if abs(count) < 1000:
             return f"{count:.1f} {unit}"
     return f"{count / 1000:.1f} TB"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a person writes it: ``45 s``, ``12 min``, ``3 h 20 min``, ``2 d 4 h``, ``more than a year``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 24 * 60:
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if seconds >= 365 * 86400:
+        return "more than a year"
+    days, hours = divmod(round(seconds / 3600), 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+

@@ -33,7 +33,7 @@ from services.common.broker import Broker, BrokerUnavailable, bounded
 from services.common.config import ShipperConfig
 from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippingControl, read_control
+from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippedNotice, ShippingControl, read_control
 from services.common.supervise import StepResult, Supervisor
 from services.shipper import policy
 from services.shipper.breaker import Breaker
@@ -57,6 +57,7 @@ CONSUMER_TIMEOUT_S = 3.0  # starting or stopping the consumer
 HEARTBEAT_TIMEOUT_S = 2.0
 ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
 QUIET_REPEAT_S = 60.0  # the same dependency warning, at most this often
+SHIPPED_BATCH = 5000  # photos in one shipped notice at most
 STARVED_AFTER_S = 30.0  # photos wait, yet nothing is delivered: the consumer is started again
 
 
@@ -101,6 +102,7 @@ class Shipper:
         self._last_granted, self._last_tick = self.limiter.granted, time.monotonic()
         self._warned: dict[str, float] = {}
         self._starved_since: float | None = None
+        self._just_shipped: list[tuple[str, int]] = []  # told to the store keeper at the next round
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -222,6 +224,9 @@ class Shipper:
             with self._dependency("changing the prefetch"):
                 await self._adapt_concurrency()
         self._account(now)
+        if self._just_shipped and self.broker.is_ready:
+            with self._dependency("telling the store keeper what shipped"):
+                await self._publish_shipped()
         if now >= self._next_heartbeat and self.broker.is_ready:
             self._next_heartbeat = now + HEARTBEAT_EVERY_S
             with self._dependency("publishing the heartbeat"):
@@ -313,6 +318,14 @@ class Shipper:
         await self.broker.publish(topology.STATUS_EXCHANGE, "", message, timeout=HEARTBEAT_TIMEOUT_S,
                                   mandatory=False)
 
+    async def _publish_shipped(self) -> None:
+        """One notice per round for the photos marked shipped since the last (lost ones: the sweep corrects)."""
+        batch, self._just_shipped = self._just_shipped[:SHIPPED_BATCH], self._just_shipped[SHIPPED_BATCH:]
+        message = aio_pika.Message(ShippedNotice(self.replica, batch).to_json(), content_type="application/json",
+                                   expiration=60)
+        await self.broker.publish(topology.SHIPPED_EXCHANGE, "", message, timeout=HEARTBEAT_TIMEOUT_S,
+                                  mandatory=False)
+
     async def _probe(self) -> None:
         await self._threads.run(self.transfer.probe)
 
@@ -387,6 +400,7 @@ class Shipper:
         self.breaker.record_success()
         uploaded = shipment is not None and shipment.uploaded
         if shipment is not None:
+            self._just_shipped.append((job.id, job.size))
             self.shipped_objects += 1
             self.concurrency.record_sent(shipment.body_bytes)
             lag = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(job.received_at)).total_seconds())

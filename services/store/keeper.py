@@ -36,8 +36,10 @@ from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.s3 import ensure_bucket
 from services.common.shipping import ShippingControl, read_control
 from services.common.supervise import DONE, StepResult, Supervisor
+from services.common.units import format_bytes, format_duration
 from services.store.disk import Disk, DiskGauge, DiskUnavailable, Usage
 from services.store.forecast import drain_eta_s, full_eta_s
+from services.store.live import LiveBacklog
 from services.store.metrics import KeeperMetrics
 from services.store.sweep import SweepResult, sweep
 from services.store.tap import RateWindow, Tap
@@ -65,6 +67,9 @@ class Keeper:
         self.broker = broker
         self.tap = tap
         self.metrics = metrics
+        self.backlog = LiveBacklog()
+        tap.on_queued = self.backlog.queued
+        tap.on_shipped = self.backlog.shipped
         self.last_sweep: SweepResult | None = None
         self.admission = Admission()
         self.control = ShippingControl()
@@ -162,6 +167,8 @@ class Keeper:
                 self.queued = max(queued_before, queued_after) + max(0, self.parked_messages - result.parked)
                 reconciled = await self._reconcile(result)
             self.last_sweep = result
+            self.backlog.swept(photos=result.unshipped, bytes_=result.unshipped_bytes,
+                               oldest=result.oldest_unshipped, unshipped_ids=result.unshipped_ids)
             self.metrics.observe_sweep(result, time.monotonic() - started, reconciled)
             log.info("store swept", extra={
                 "photos": result.photos, "unshipped": result.unshipped, "queued": self.queued,
@@ -306,29 +313,29 @@ class Keeper:
         egress = sum(beat.egress_bytes_per_s for beat in shippers)
         cap = self.control.cap(self.config.schedule, now)
         link_limited = any(beat.link_limited for beat in shippers)
-        backlog_bytes = sweep_result.unshipped_bytes if sweep_result else 0
+        backlog = self.backlog.now()
+        eta_drain = drain_eta_s(backlog.bytes, ingest, schedule=self.config.schedule, control=self.control, now=now,
+                                link_bytes_per_s=egress if link_limited else None)
+        oldest_age = (now - backlog.oldest).total_seconds() if backlog.oldest else None
         usage = self.usage()
+        full_eta = full_eta_s(usage, ingest, self._deleted.rate())
         devices = self._devices(now)
         silent_before = now.timestamp() - self.config.silent_after
         return {
-            "backlog_objects": sweep_result.unshipped if sweep_result else 0,
-            "backlog_bytes": backlog_bytes,
-            "oldest_unshipped_age_s": (
-                round((now - sweep_result.oldest_unshipped).total_seconds(), 1)
-                if sweep_result and sweep_result.oldest_unshipped else None),
+            "backlog_objects": backlog.photos,
+            "backlog_bytes": backlog.bytes,
+            "oldest_unshipped_age_s": _rounded(oldest_age),
             "ingest_bytes_per_s": round(ingest, 1),
             "ingest_photos_per_s": round(self.tap.ingest_photos.rate(), 3),
             "egress_bytes_per_s": round(egress, 1),
             "cap_bytes_per_s": cap,
-            "eta_drain_s": _rounded(drain_eta_s(
-                backlog_bytes, ingest, schedule=self.config.schedule, control=self.control, now=now,
-                link_bytes_per_s=egress if link_limited else None)),
+            "eta_drain_s": _rounded(eta_drain),
             "store_used_bytes": usage.photo_bytes,
             "store_capacity_bytes": usage.capacity_bytes,
             "store_disk_total_bytes": usage.disk.total_bytes if usage.disk else None,
             "store_disk_free_bytes": usage.disk.free_bytes if usage.disk else None,
             "store_fill": round(usage.fill, 4),
-            "store_full_eta_s": _rounded(full_eta_s(usage, ingest, self._deleted.rate())),
+            "store_full_eta_s": _rounded(full_eta),
             "high_watermark": self.config.high_watermark,
             "low_watermark": self.config.low_watermark,
             "admission": {"open": self.admission.open, "reason": self.admission.reason},
@@ -349,6 +356,14 @@ class Keeper:
             "swept_at": sweep_result.finished_at.isoformat() if sweep_result and sweep_result.finished_at else None,
             "sweep_duration_s": round(sweep_result.duration_s, 2) if sweep_result else None,
             "now": now.isoformat(),
+            # The same figures as a person would say them, for the page and the command line.
+            "text": {
+                "backlog": f"{backlog.photos} photos, {format_bytes(backlog.bytes)}",
+                "oldest_unshipped_age": "nothing waiting" if oldest_age is None else format_duration(oldest_age),
+                "eta_drain": "drained" if not backlog.bytes else (
+                    "never at current rates" if eta_drain is None else f"in {format_duration(eta_drain)}"),
+                "store_full": "never at current rates" if full_eta is None else f"in {format_duration(full_eta)}",
+            },
         }
 
     def _devices(self, now: datetime) -> dict[str, float]:

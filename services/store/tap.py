@@ -14,12 +14,13 @@ import hashlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from services.common import messages, photos, topology
 from services.common.broker import Broker
-from services.common.shipping import PEER_TTL_S, Heartbeat
+from services.common.shipping import PEER_TTL_S, Heartbeat, ShippedNotice
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class Tap:
         self._fresh: set[int] = set()  # ... of which heard since the current sweep began
         self._shippers: dict[str, tuple[Heartbeat, float]] = {}
         self._queues: list[AbstractQueue] = []
+        # Set by the keeper: told of every first publish and every shipment, for the live backlog.
+        self.on_queued: Callable[[str, int, float], None] | None = None
+        self.on_shipped: Callable[[str, int], None] | None = None
 
     async def attach(self, broker: Broker) -> None:
         """Bind temporary queues to the photos and status exchanges (on broker ready)."""
@@ -71,7 +75,10 @@ class Tap:
         heartbeats = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
         await heartbeats.bind(broker.declared.exchanges[topology.STATUS_EXCHANGE])
         await heartbeats.consume(self._on_heartbeat, no_ack=True)
-        self._queues = [copies, heartbeats]  # robust channels restore only what is referenced
+        shipped = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
+        await shipped.bind(broker.declared.exchanges[topology.SHIPPED_EXCHANGE])
+        await shipped.consume(self._on_shipped, no_ack=True)
+        self._queues = [copies, heartbeats, shipped]  # robust channels restore only what is referenced
 
     async def _on_photo(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -81,9 +88,18 @@ class Tap:
         self.saw(job.id)
         if not messages.is_first_publish(message.headers):
             return
+        now = time.time()
         self.ingest_bytes.add(job.size)
         self.ingest_photos.add(1)
-        self.device_seen[job.device_id] = time.time()
+        self.device_seen[job.device_id] = now
+        if self.on_queued is not None:
+            self.on_queued(job.id, job.size, now)
+
+    async def _on_shipped(self, message: AbstractIncomingMessage) -> None:
+        notice = ShippedNotice.from_json(message.body)
+        if notice is not None and self.on_shipped is not None:
+            for photo_id, size in notice.photos:
+                self.on_shipped(photo_id, size)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         beat = Heartbeat.from_json(message.body)
