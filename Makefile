@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -23,6 +23,7 @@ up: $(INSTALLED)
 test: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	./devtools/system-deps.sh chromium
+	./devtools/system-deps.sh promtool
 	$(BIN)/python -m pytest
 
 ## chaos: rounds of random faults under load, each followed by a ledger (about 5 minutes a round)
@@ -55,6 +56,10 @@ bench: bench-gateway bench-shipper bench-keeper
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)
 	$(BIN)/python -m services.common.topology > rabbitmq/definitions.json
+
+## monitoring: write the PrometheusRule from the alert rules (deploy/k3s/components/monitoring/alerts.yaml)
+monitoring: $(INSTALLED)
+	$(BIN)/python -m devtools.monitoring
 
 ## lock: re-pin constraints.txt from pyproject.toml (needs uv)
 lock:

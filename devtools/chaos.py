@@ -190,9 +190,7 @@ class ChaosSite:
 
     def queued(self) -> dict[str, int]:
         """Messages still held for shipping: ready or unacknowledged, on every queue that holds photos."""
-        names = (topology.SHIP_QUEUE, topology.PARKED_QUEUE,
-                 *(topology.retry_queue(d) for d in topology.RETRY_DELAYS_S))
-        queues = {name: self.rabbit.management("GET", f"queues/%2F/{name}") for name in names}
+        queues = {name: self.rabbit.management("GET", f"queues/%2F/{name}") for name in topology.PHOTO_QUEUES}
         return {name: int(queue.get("messages", 0)) for name, queue in queues.items()}  # type: ignore[union-attr]
 
     def parked_markers(self) -> int:

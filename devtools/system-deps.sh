@@ -4,6 +4,7 @@
 #   system-deps.sh rabbitmq   the rabbitmq-server package (a private node is started from it)
 #   system-deps.sh rclone     rclone, the baseline of the shipper benchmark
 #   system-deps.sh chromium   Chromium, for the operator page's browser test
+#   system-deps.sh promtool   Prometheus's promtool, to check and unit-test the alert rules
 # Missing packages are installed with apt-get when running as root; otherwise the
 # script says what to install and fails.
 set -euo pipefail
@@ -67,8 +68,11 @@ case "${1:-}" in
   chromium)
     [ -x /usr/bin/chromium ] || apt_install chromium
     ;;
+  promtool)
+    command -v promtool >/dev/null || apt_install prometheus
+    ;;
   *)
-    echo "usage: $0 python|rabbitmq|rclone|chromium" >&2
+    echo "usage: $0 python|rabbitmq|rclone|chromium|promtool" >&2
     exit 2
     ;;
 esac

@@ -104,6 +104,9 @@ QUEUES = (
     ),
 )
 
+# Every queue that holds shipping messages for photos.
+PHOTO_QUEUES = (SHIP_QUEUE, PARKED_QUEUE, *(retry_queue(delay) for delay in RETRY_DELAYS_S))
+
 BINDINGS = (
     Binding(PHOTOS_EXCHANGE, SHIP_QUEUE, SHIP_ROUTING_KEY),
     Binding(PARKING_EXCHANGE, PARKED_QUEUE, ""),

@@ -47,6 +47,7 @@ from services.store.tap import RateWindow, Tap
 log = logging.getLogger(__name__)
 
 CAPACITY_CHECK_S = 5.0
+FIGURES_EVERY_S = 5.0  # the operator's figures as metrics, and the queues' depths
 HISTORY_EVERY_S = 30.0
 HISTORY_SPAN_S = 12 * 3600
 HISTORY_KEY = "state/history.json"
@@ -98,6 +99,7 @@ class Keeper:
         supervisor.start("keeper-sweeps", self._sweep_step, every=self.config.reconcile_every, wake=self._sweep_now)
         supervisor.start("keeper-capacity", self._capacity_step, every=CAPACITY_CHECK_S)
         supervisor.start("keeper-history", self._history_step, every=HISTORY_EVERY_S)
+        supervisor.start("keeper-figures", self._figures_step, every=FIGURES_EVERY_S)
 
     async def on_broker_ready(self, broker: Broker) -> None:
         await self.tap.attach(broker)
@@ -187,8 +189,7 @@ class Keeper:
     async def _count_queued(self) -> int | None:
         """Messages ready, in retry and in the shippers' hands; the parking queue's count is kept aside."""
         try:
-            depths = await self.broker.queue_depth(
-                topology.SHIP_QUEUE, topology.PARKED_QUEUE, *(topology.retry_queue(d) for d in topology.RETRY_DELAYS_S))
+            depths = await self.broker.queue_depth(*topology.PHOTO_QUEUES)
         except BrokerUnavailable as exc:
             log.warning("could not count queued photos", extra={"error": str(exc)})
             return None
@@ -381,6 +382,14 @@ class Keeper:
         return "running"
 
     # -- history, for the operator page's charts -------------------------------------------------
+
+    async def _figures_step(self) -> StepResult:
+        """Export the operator's figures and the queues' depths as metrics."""
+        self.metrics.observe_status(self.status())
+        if self.broker.is_ready:
+            for queue, depth in (await self.broker.queue_depth(*topology.PHOTO_QUEUES)).items():
+                self.metrics.queue_messages.labels(queue).set(depth)
+        return None
 
     async def _history_step(self) -> StepResult:
         figures = self.status()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.httpserver import HttpMetrics
@@ -16,10 +18,36 @@ class KeeperMetrics:
         self.sweeps = Histogram("photoferry_store_sweep_seconds", "Time one sweep of the store takes",
                                 buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600), registry=r)
         self.photos = Gauge("photoferry_store_photos", "Local copies of photos, at the last sweep", registry=r)
-        self.backlog = Gauge("photoferry_store_backlog_photos", "Photos not yet shipped, at the last sweep",
-                             registry=r)
-        self.backlog_bytes = Gauge("photoferry_store_backlog_bytes", "Bytes not yet shipped, at the last sweep",
+        # The operator's figures, as /api/status has them (live, refreshed every few seconds).
+        self.backlog = Gauge("photoferry_store_backlog_photos", "Photos not yet shipped", registry=r)
+        self.backlog_bytes = Gauge("photoferry_store_backlog_bytes", "Bytes not yet shipped", registry=r)
+        self.oldest_age = Gauge("photoferry_store_oldest_unshipped_age_seconds",
+                                "How long the oldest photo not yet shipped has waited (0 when none waits)", registry=r)
+        self.drain_eta = Gauge("photoferry_store_drain_eta_seconds",
+                               "When the backlog drains at current rates under the schedule (+Inf: never)",
+                               registry=r)
+        self.ingest = Gauge("photoferry_store_ingest_bytes_per_second", "Photo bytes queued, last minute",
+                            registry=r)
+        self.egress = Gauge("photoferry_store_egress_bytes_per_second", "Bytes sent to S3, all shippers",
+                            registry=r)
+        self.cap = Gauge("photoferry_store_cap_bytes_per_second", "The egress cap in force (0: paused or off)",
+                         registry=r)
+        self.fill = Gauge("photoferry_store_fill_ratio",
+                          "How full the local store is: the photo budget or the disk, whichever is fuller",
+                          registry=r)
+        self.full_eta = Gauge("photoferry_store_full_eta_seconds",
+                              "When the local store is full at current rates (+Inf: never)", registry=r)
+        self.high_watermark = Gauge("photoferry_store_high_watermark_ratio", "Fill at which uploads stop",
+                                    registry=r)
+        self.low_watermark = Gauge("photoferry_store_low_watermark_ratio", "Fill under which uploads resume",
                                    registry=r)
+        self.parked_photos = Gauge("photoferry_store_parked_photos", "Photos parked for an operator", registry=r)
+        self.devices = Gauge("photoferry_store_devices", "Devices that uploaded a photo", registry=r)
+        self.silent_devices = Gauge("photoferry_store_silent_devices",
+                                    "Devices with no upload for PHOTOFERRY_SILENT_AFTER", registry=r)
+        self.shippers = Gauge("photoferry_store_shippers", "Shipper replicas heard from lately", registry=r)
+        self.queue_messages = Gauge("photoferry_store_queue_messages",
+                                    "Messages ready on each of photoferry's queues", ["queue"], registry=r)
         self.used = Gauge("photoferry_store_used_bytes", "Bytes the local copies take (estimated)", registry=r)
         self.deleted = Counter("photoferry_store_deleted_bytes", "Bytes of shipped copies deleted", ["why"],
                                registry=r)
@@ -34,8 +62,26 @@ class KeeperMetrics:
     def observe_sweep(self, result: SweepResult, seconds: float, reconciled: int) -> None:
         self.sweeps.observe(seconds)
         self.photos.set(result.photos)
-        self.backlog.set(result.unshipped)
-        self.backlog_bytes.set(result.unshipped_bytes)
         self.deleted.labels("retention").inc(result.deleted_bytes - result.evicted_bytes)
         self.deleted.labels("capacity").inc(result.evicted_bytes)
         self.reconciled.inc(reconciled)
+
+    def observe_status(self, figures: dict[str, Any]) -> None:
+        """Export the operator's figures (the dict /api/status answers)."""
+        never = float("inf")
+        self.backlog.set(figures["backlog_objects"])
+        self.backlog_bytes.set(figures["backlog_bytes"])
+        self.oldest_age.set(figures["oldest_unshipped_age_s"] or 0)
+        self.drain_eta.set(never if figures["eta_drain_s"] is None else figures["eta_drain_s"])
+        self.ingest.set(figures["ingest_bytes_per_s"])
+        self.egress.set(figures["egress_bytes_per_s"])
+        self.cap.set(figures["cap_bytes_per_s"])
+        self.fill.set(figures["store_fill"])
+        self.full_eta.set(never if figures["store_full_eta_s"] is None else figures["store_full_eta_s"])
+        self.high_watermark.set(figures["high_watermark"])
+        self.low_watermark.set(figures["low_watermark"])
+        self.parked_photos.set(figures["parked"])
+        self.devices.set(figures["devices"])
+        self.silent_devices.set(len(figures["silent_devices"]))
+        self.shippers.set(len(figures["shippers"]))
+
