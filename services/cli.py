@@ -4,6 +4,7 @@
     photoferry pause [--until TIME]     stop shipping (until an RFC 3339 time)
     photoferry resume                   ship again
     photoferry rate 40Mbit              override the cap;  photoferry rate --schedule: back to the schedule
+    photoferry rate --fresh-share 0.3   fresh photos' share of the cap (--fresh-share schedule: the schedule's)
     photoferry parked                   parked photos and why
     photoferry replay                   send parked photos back to shipping
     photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
@@ -28,7 +29,7 @@ from typing import Any
 from services.common.config import CliConfig, ConfigError
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.tokens import device_token
-from services.common.units import format_bytes, parse_duration, parse_size
+from services.common.units import format_bytes, format_duration, parse_duration, parse_size
 
 
 class CliError(Exception):
@@ -69,6 +70,7 @@ def _status(config: CliConfig, args: argparse.Namespace) -> int:
         f"rates        in {rate(s['ingest_bytes_per_s'])}, out {rate(s['egress_bytes_per_s'])}, "
         f"cap {rate(s['cap_bytes_per_s'])}",
         f"drains       {text['eta_drain']}",
+        f"fresh        {_fresh(s)}",
         f"store        {s['store_fill']:.0%} full: {format_bytes(s['store_used_bytes'])} of "
         f"{format_bytes(s['store_capacity_bytes'])}"
         + ("" if s["store_disk_total_bytes"] is None else
@@ -84,6 +86,18 @@ def _status(config: CliConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fresh(s: dict[str, Any]) -> str:
+    fresh, lag = s["fresh"], s["fresh"]["lag"]
+    window = format_duration(fresh["window_s"])
+    if fresh["share"] <= 0:
+        return f"no share of the cap: strictly oldest first (window {window})"
+    shipped = ("none shipped lately" if not lag["photos"] else
+               f"{lag['photos']} shipped lately, receipt to S3 p50 {format_duration(lag['p50_s'])}, "
+               f"p99 {format_duration(lag['p99_s'])}")
+    return (f"up to {fresh['share']:.0%} of the cap for photos younger than {window}; "
+            f"out {format_bytes(fresh['egress_bytes_per_s'])}/s; {shipped}")
+
+
 def _pause(config: CliConfig, args: argparse.Namespace) -> int:
     control = _call(config, "POST", "/api/shipping/pause", {"until": args.until} if args.until else {})
     print("shipping paused" + (f" until {control['paused_until']}" if control.get("paused_until") else ""))
@@ -97,11 +111,20 @@ def _resume(config: CliConfig, args: argparse.Namespace) -> int:
 
 
 def _rate(config: CliConfig, args: argparse.Namespace) -> int:
-    if args.schedule == (args.rate is not None):
-        raise CliError("give a rate (photoferry rate 40Mbit) or --schedule, not both or neither")
-    control = _call(config, "PUT", "/api/shipping/rate", {"rate": None if args.schedule else args.rate})
+    if args.schedule and args.rate is not None:
+        raise CliError("give a rate (photoferry rate 40Mbit) or --schedule, not both")
+    body: dict[str, Any] = {}
+    if args.schedule or args.rate is not None:
+        body["rate"] = None if args.schedule else args.rate
+    if args.fresh_share is not None:
+        body["fresh_share"] = None if args.fresh_share == "schedule" else args.fresh_share
+    if not body:
+        raise CliError("give a rate (photoferry rate 40Mbit), --schedule, or --fresh-share")
+    control = _call(config, "PUT", "/api/shipping/rate", body)
     print(f"cap now {format_bytes(control['cap_bytes_per_s'])}/s"
-          + (" (the schedule)" if args.schedule else " (override)"))
+          + (" (override)" if control["rate_override"] is not None else " (the schedule)")
+          + f"; fresh photos' share {control['fresh_share']:.0%}"
+          + (" (override)" if control["fresh_share_override"] is not None else " (the schedule)"))
     return 0
 
 
@@ -197,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate = commands.add_parser("rate", help="override the egress cap, or return to the schedule")
     rate.add_argument("rate", nargs="?", help="e.g. 40Mbit, 5MB, 5MiB")
     rate.add_argument("--schedule", action="store_true", help="drop the override: the schedule decides")
+    rate.add_argument("--fresh-share", help="fresh photos' share of the cap, e.g. 0.3 or 30%%; 'schedule' drops it")
     rate.set_defaults(run=_rate)
     commands.add_parser("parked", help="list parked photos and why").set_defaults(run=_parked)
     commands.add_parser("replay", help="send parked photos back to shipping").set_defaults(run=_replay)

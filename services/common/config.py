@@ -74,6 +74,11 @@ def positive_duration(env: Env, name: str, default: str) -> float:
     return value
 
 
+def fresh_window(env: Env) -> float:
+    """How long a photo counts as fresh after its receipt (then it joins the backlog)."""
+    return positive_duration(env, "PHOTOFERRY_SHIP_FRESH_WINDOW", "10m")
+
+
 def idle_timeout(env: Env) -> float:
     """How long an HTTP connection may stay open without a complete request head
     (idle between requests, or sending its headers slowly) before it is closed."""
@@ -159,6 +164,7 @@ class GatewayConfig:
     max_inflight_bytes: int
     publish_timeout: float
     retry_after_s: int
+    fresh_window: float  # a new photo waits this long in the fresh queue at most, then joins the backlog
     body_timeout: float  # longest silence while a body arrives
     body_min_rate: float  # bytes per second a body must average, after body_timeout of grace
     idle_timeout: float
@@ -190,6 +196,7 @@ class GatewayConfig:
             ),
             publish_timeout=parsed(env, "PHOTOFERRY_PUBLISH_TIMEOUT", parse_duration, "5s"),
             retry_after_s=positive_int(env, "PHOTOFERRY_RETRY_AFTER", 5),
+            fresh_window=fresh_window(env),
             body_timeout=positive_duration(env, "PHOTOFERRY_BODY_TIMEOUT", "10s"),
             body_min_rate=parsed(env, "PHOTOFERRY_BODY_MIN_RATE", parse_rate, "16KiB"),
             idle_timeout=idle_timeout(env),
@@ -208,11 +215,13 @@ def site_zone(env: Env) -> ZoneInfo:
 
 
 def rate_schedule(env: Env) -> RateSchedule:
-    """The flat cap (PHOTOFERRY_SHIP_RATE) with the time-of-day caps (PHOTOFERRY_SHIP_SCHEDULE)."""
+    """The flat cap (PHOTOFERRY_SHIP_RATE) with the time-of-day caps (PHOTOFERRY_SHIP_SCHEDULE),
+    and the share of it fresh photos get (PHOTOFERRY_SHIP_FRESH_SHARE, per window in the schedule)."""
     flat = parsed(env, "PHOTOFERRY_SHIP_RATE", parse_rate, "40Mbit")
+    fresh_share = parsed(env, "PHOTOFERRY_SHIP_FRESH_SHARE", parse_fraction, "0.5")
     text = optional(env, "PHOTOFERRY_SHIP_SCHEDULE", "")
     try:
-        return RateSchedule.parse(text, default=flat, zone=site_zone(env))
+        return RateSchedule.parse(text, default=flat, zone=site_zone(env), fresh_share=fresh_share)
     except ValueError as exc:
         raise ConfigError(f"PHOTOFERRY_SHIP_SCHEDULE: {exc}") from None
 
@@ -298,6 +307,7 @@ class StoreKeeperConfig:
     low_watermark: float
     silent_after: float
     schedule: RateSchedule  # for the ETA to drain
+    fresh_window: float
     idle_timeout: float
     shutdown_timeout: float
     logging: LogSettings
@@ -333,6 +343,7 @@ class StoreKeeperConfig:
             low_watermark=low,
             silent_after=parsed(env, "PHOTOFERRY_SILENT_AFTER", parse_duration, "10m"),
             schedule=rate_schedule(env),
+            fresh_window=fresh_window(env),
             idle_timeout=idle_timeout(env),
             shutdown_timeout=parsed(env, "PHOTOFERRY_SHUTDOWN_TIMEOUT", parse_duration, "30s"),
             logging=LogSettings.from_env(env),

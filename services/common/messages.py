@@ -46,8 +46,13 @@ def shipping_message(
     attempt: int = 0,
     last_error: str | None = None,
     park_reason: str | None = None,
+    expires_in: float | None = None,
 ) -> aio_pika.Message:
-    """A persistent shipping message for a ``PhotoMessage`` body, with our headers only."""
+    """A persistent shipping message for a ``PhotoMessage`` body, with our headers only.
+
+    ``expires_in`` (seconds) is the message's TTL: a fresh photo's message expires into
+    the backlog queue when it is not shipped in time.
+    """
     headers: dict[str, Any] = {ORIGIN_HEADER: origin}
     if attempt:
         headers[ATTEMPT_HEADER] = attempt
@@ -62,6 +67,7 @@ def shipping_message(
         message_id=uuid.uuid4().hex,
         timestamp=datetime.now(UTC),
         headers=headers,
+        expiration=expires_in,
     )
 
 

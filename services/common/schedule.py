@@ -1,11 +1,13 @@
 """Time-of-day egress caps (``PHOTOFERRY_SHIP_SCHEDULE``) in the site's time zone.
 
-    PHOTOFERRY_SHIP_SCHEDULE="22:00-06:00=120Mbit, 12:00-13:00=off"
+    PHOTOFERRY_SHIP_SCHEDULE="22:00-06:00=120Mbit@0.2, 12:00-13:00=off"
 
 Each entry is a local-time range ``HH:MM-HH:MM`` (it may wrap midnight; ``24:00``
 ends a day) and a rate in the units of ``PHOTOFERRY_SHIP_RATE``, or ``off`` to
-send nothing then. Times outside every range use the flat ``PHOTOFERRY_SHIP_RATE``.
-Ranges may not overlap. Time zone changes (DST) follow the site's zone.
+send nothing then; ``@share`` optionally sets the share of the cap fresh photos
+get then (``PHOTOFERRY_SHIP_FRESH_SHARE`` otherwise). Times outside every range
+use the flat ``PHOTOFERRY_SHIP_RATE``. Ranges may not overlap. Time zone changes
+(DST) follow the site's zone.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from services.common.units import parse_rate
+from services.common.units import parse_fraction, parse_rate
 
-_ENTRY = re.compile(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*=\s*(\S+)\s*")
+_ENTRY = re.compile(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*=\s*([^@\s]+)\s*(?:@\s*(\S+)\s*)?")
 MINUTES_PER_DAY = 24 * 60
 
 
@@ -28,6 +30,7 @@ class Window:
     start: int  # minutes after local midnight, 0..1439
     end: int  # exclusive, 1..1440; below start when the window wraps midnight
     rate: float  # bytes per second; 0 means off
+    fresh_share: float | None = None  # of the cap, for fresh photos; None: the default
 
     def covers(self, minute: float) -> bool:
         if self.start < self.end:
@@ -40,37 +43,47 @@ class RateSchedule:
     default: float
     windows: tuple[Window, ...]
     zone: ZoneInfo
+    fresh_share: float = 0.5  # outside windows that set their own
 
     @classmethod
-    def parse(cls, text: str, *, default: float, zone: ZoneInfo) -> RateSchedule:
+    def parse(cls, text: str, *, default: float, zone: ZoneInfo, fresh_share: float = 0.5) -> RateSchedule:
         """Parse a schedule; raise ValueError naming the entry that is wrong."""
         windows: list[Window] = []
         for raw in filter(str.strip, re.split(r"[,;]", text)):
             match = _ENTRY.fullmatch(raw)
             if not match:
-                raise ValueError(f"{raw.strip()!r} is not HH:MM-HH:MM=RATE (or =off)")
-            h1, m1, h2, m2, rate_text = match.groups()
+                raise ValueError(f"{raw.strip()!r} is not HH:MM-HH:MM=RATE (or =off), optionally @FRESH_SHARE")
+            h1, m1, h2, m2, rate_text, share_text = match.groups()
             start, end = _minutes(int(h1), int(m1), raw), _minutes(int(h2), int(m2), raw)
             if start == MINUTES_PER_DAY:
                 raise ValueError(f"{raw.strip()!r} starts at 24:00; start at 00:00")
             if start == end:
                 raise ValueError(f"{raw.strip()!r} is an empty range")
             rate = 0.0 if rate_text.lower() == "off" else parse_rate(rate_text)
-            window = Window(start, end, rate)
+            share = parse_fraction(share_text) if share_text is not None else None
+            window = Window(start, end, rate, share)
             for other in windows:
                 if _overlap(window, other):
                     raise ValueError(f"{raw.strip()!r} overlaps another range")
             windows.append(window)
-        return cls(default=default, windows=tuple(windows), zone=zone)
+        return cls(default=default, windows=tuple(windows), zone=zone, fresh_share=fresh_share)
 
     def rate_at(self, moment: datetime) -> float:
         """The cap in force at an (aware) moment, in bytes per second."""
+        window = self._window_at(moment)
+        return self.default if window is None else window.rate
+
+    def fresh_share_at(self, moment: datetime) -> float:
+        """The share of the cap fresh photos may take at an (aware) moment."""
+        window = self._window_at(moment)
+        if window is None or window.fresh_share is None:
+            return self.fresh_share
+        return window.fresh_share
+
+    def _window_at(self, moment: datetime) -> Window | None:
         local = moment.astimezone(self.zone)
         minute = local.hour * 60 + local.minute + local.second / 60
-        for window in self.windows:
-            if window.covers(minute):
-                return window.rate
-        return self.default
+        return next((window for window in self.windows if window.covers(minute)), None)
 
     def segments(self, start: datetime, horizon: timedelta) -> Iterator[tuple[datetime, datetime, float]]:
         """Yield (from, to, rate) pieces of constant cap covering [start, start + horizon)."""

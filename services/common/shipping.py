@@ -34,6 +34,7 @@ PEER_TTL_S = 4.0
 @dataclass(frozen=True)
 class ShippingControl:
     rate_override: float | None = None  # bytes per second, replacing the schedule
+    fresh_share_override: float | None = None  # of the cap, for fresh photos, replacing the schedule's
     paused: bool = False
     paused_until: str | None = None  # RFC 3339; None pauses until resumed
     updated_at: str | None = None
@@ -51,6 +52,12 @@ class ShippingControl:
             return self.rate_override
         return schedule.rate_at(now)
 
+    def fresh_share(self, schedule: RateSchedule, now: datetime) -> float:
+        """The share of the cap fresh photos may take (0: strictly oldest first)."""
+        if self.fresh_share_override is not None:
+            return self.fresh_share_override
+        return schedule.fresh_share_at(now)
+
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
 
@@ -59,6 +66,8 @@ class ShippingControl:
         data = orjson.loads(body)
         return cls(
             rate_override=float(data["rate_override"]) if data.get("rate_override") is not None else None,
+            fresh_share_override=(float(data["fresh_share_override"])
+                                  if data.get("fresh_share_override") is not None else None),
             paused=bool(data.get("paused", False)),
             paused_until=data.get("paused_until"),
             updated_at=data.get("updated_at"),
@@ -81,6 +90,7 @@ async def write_control(store: LocalStore, broker: Broker, control: ShippingCont
     """Store new settings and tell every shipper to apply them now."""
     stamped = ShippingControl(
         rate_override=control.rate_override,
+        fresh_share_override=control.fresh_share_override,
         paused=control.paused,
         paused_until=control.paused_until,
         updated_at=datetime.now(UTC).isoformat(),
@@ -107,6 +117,7 @@ class Heartbeat:
     cap_bytes_per_s: float  # site-wide cap in force
     share_bytes_per_s: float  # this replica's part of it
     egress_bytes_per_s: float  # achieved, recent
+    fresh_egress_bytes_per_s: float  # of which for fresh photos
     sent_bytes_total: int
     shipped_objects_total: int
     in_flight: int  # shipments this replica holds (unacknowledged messages)
@@ -131,10 +142,11 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class ShippedNotice:
-    """Photos a shipper replica marked shipped since its last notice: (id, size) each."""
+    """Photos a shipper replica marked shipped since its last notice:
+    (id, size, seconds from receipt to S3, class: fresh or backlog) each."""
 
     replica: str
-    photos: list[tuple[str, int]]
+    photos: list[tuple[str, int, float, str]]
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
@@ -144,7 +156,8 @@ class ShippedNotice:
         try:
             data: dict[str, Any] = orjson.loads(body)
             return cls(replica=str(data["replica"]),
-                       photos=[(str(photo_id), int(size)) for photo_id, size in data["photos"]])
+                       photos=[(str(photo_id), int(size), float(lag), str(kind))
+                               for photo_id, size, lag, kind in data["photos"]])
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("unreadable shipped notice", extra={"error": str(exc)})
             return None

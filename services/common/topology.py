@@ -29,9 +29,14 @@ CONTROL_EXCHANGE = "photoferry.control"
 STATUS_EXCHANGE = "photoferry.status"
 # Shippers say which photos they shipped, so the store keeper's backlog follows at once.
 SHIPPED_EXCHANGE = "photoferry.shipped"
+# Two classes of shipping work. A new photo waits in the fresh queue for at most
+# PHOTOFERRY_SHIP_FRESH_WINDOW (its message's TTL); unshipped by then, it expires
+# into the shipping queue (the backlog), which drains oldest first.
 SHIP_QUEUE = "photoferry.ship"
+FRESH_QUEUE = "photoferry.fresh"
 PARKED_QUEUE = "photoferry.parked"
 SHIP_ROUTING_KEY = "ship"
+FRESH_ROUTING_KEY = "fresh"
 
 # A failed shipment waits in one of these queues (its TTL) and then returns to the
 # shipping queue: the shipper never sleeps on a message it holds. The n-th retry
@@ -89,6 +94,18 @@ QUEUES = (
             "x-overflow": "reject-publish",
         },
     ),
+    Queue(
+        FRESH_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": SHIP_DELIVERY_LIMIT,
+            # Expired (or delivered too often): into the backlog, never dropped.
+            "x-dead-letter-exchange": PHOTOS_EXCHANGE,
+            "x-dead-letter-routing-key": SHIP_ROUTING_KEY,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    ),
     Queue(PARKED_QUEUE, {"x-queue-type": "quorum"}),
     *(
         Queue(
@@ -105,10 +122,11 @@ QUEUES = (
 )
 
 # Every queue that holds shipping messages for photos.
-PHOTO_QUEUES = (SHIP_QUEUE, PARKED_QUEUE, *(retry_queue(delay) for delay in RETRY_DELAYS_S))
+PHOTO_QUEUES = (FRESH_QUEUE, SHIP_QUEUE, PARKED_QUEUE, *(retry_queue(delay) for delay in RETRY_DELAYS_S))
 
 BINDINGS = (
     Binding(PHOTOS_EXCHANGE, SHIP_QUEUE, SHIP_ROUTING_KEY),
+    Binding(PHOTOS_EXCHANGE, FRESH_QUEUE, FRESH_ROUTING_KEY),
     Binding(PARKING_EXCHANGE, PARKED_QUEUE, ""),
     *(Binding(RETRY_EXCHANGE, retry_queue(delay), retry_queue(delay)) for delay in RETRY_DELAYS_S),
 )

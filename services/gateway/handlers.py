@@ -189,11 +189,12 @@ async def _queue(
         captured_at=metadata["captured-at"],
         received_at=metadata["received-at"],
     )
-    message = messages.shipping_message(shipping.to_json(), origin=origin)
+    # A new photo goes to the fresh queue; unshipped within the window, it expires into the backlog.
+    message = messages.shipping_message(shipping.to_json(), origin=origin, expires_in=config.fresh_window)
     try:
         await request.app[BROKER].publish(
             topology.PHOTOS_EXCHANGE,
-            topology.SHIP_ROUTING_KEY,
+            topology.FRESH_ROUTING_KEY,
             message,
             timeout=config.publish_timeout,
         )

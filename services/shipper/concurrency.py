@@ -11,7 +11,10 @@ says so (``link_limited``), for operators.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +70,30 @@ class ConcurrencyController:
         self._sent = 0
         self._throttled = False
         return self.limit
+
+
+class Slots:
+    """At most ``limit`` uploads at once; the limit may change while uploads wait or run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._changed = asyncio.Condition()
+
+    async def resize(self, limit: int) -> None:
+        async with self._changed:
+            self.limit = limit
+            self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.taken < self.limit)
+            self.taken += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.taken -= 1
+                self._changed.notify_all()
+

@@ -9,10 +9,17 @@ released at a stop. Every outcome has an answer, so no delivery is left
 unacknowledged; the shipper never requeues a message itself, so the broker's
 delivery count only grows when a shipper dies holding it.
 
-One supervised loop keeps the pace: the site-wide cap (operator settings, else
-the schedule), this replica's share of it (``pacing.CapShare``), consuming or
-not, the upload concurrency, and a heartbeat. Every call it makes to the broker
-is bounded, so it keeps going (and a stop stays prompt) through an outage.
+Two lanes consume two queues: **fresh** photos (received less than
+PHOTOFERRY_SHIP_FRESH_WINDOW ago; older ones expire into the backlog queue) and
+the **backlog**, oldest first. Each upload's bytes pass its lane's limiter and
+the replica's: the replica's holds the cap, the lanes' split it (``pacing.split``)
+while both have work.
+
+One supervised loop keeps the pace: the site-wide cap and fresh share (operator
+settings, else the schedule), this replica's share of the cap
+(``pacing.CapShare``), consuming or not, the upload concurrency, and a
+heartbeat. Every call it makes to the broker is bounded, so it keeps going (and
+a stop stays prompt) through an outage.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,9 +43,10 @@ from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippedNotice, ShippingControl, read_control
 from services.common.supervise import StepResult, Supervisor
-from services.shipper import policy
+from services.shipper import pacing, policy
 from services.shipper.breaker import Breaker
-from services.shipper.concurrency import ConcurrencyController
+from services.shipper.concurrency import ConcurrencyController, Slots
+from services.shipper.limiter import Pace, RateLimiter
 from services.shipper.locks import PhotoLocks
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.pacing import CapShare
@@ -48,17 +57,41 @@ from services.shipper.transfer import Aborted, Shipment, Transfer, TransferError
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
-BACKLOG_REFRESH_S = 2.0  # how often the queue depth is read
+BACKLOG_REFRESH_S = 2.0  # how often the queues' depths are read
 CONTROL_REFRESH_S = 5.0
 CONCURRENCY_WINDOW_S = 5.0
 BROKER_TIMEOUT_S = 10.0  # publishing a retry or a parked message
 ACK_TIMEOUT_S = 5.0
-CONSUMER_TIMEOUT_S = 3.0  # starting or stopping the consumer
+CONSUMER_TIMEOUT_S = 3.0  # starting or stopping a consumer
 HEARTBEAT_TIMEOUT_S = 2.0
 ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get to unwind
 QUIET_REPEAT_S = 60.0  # the same dependency warning, at most this often
 SHIPPED_BATCH = 5000  # photos in one shipped notice at most
 STARVED_AFTER_S = 30.0  # photos wait, yet nothing is delivered: the consumer is started again
+FRESH, BACKLOG = "fresh", "backlog"
+
+
+@dataclass
+class Lane:
+    """One class of work: its queue, its limiter, its uploads and its consumer."""
+
+    name: str
+    queue: str
+    limiter: RateLimiter
+    concurrency: ConcurrencyController
+    slots: Slots
+    may_send: asyncio.Event = field(default_factory=asyncio.Event)
+    consumer_tag: str | None = None
+    prefetch: int = 0  # of the running consumer
+    in_flight: int = 0
+    waiting: int = 0  # ready on its queue, at the last count
+    egress: float = 0.0
+    last_granted: int = 0
+    starved_since: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.waiting > 0
 
 
 class Shipper:
@@ -78,17 +111,24 @@ class Shipper:
         self.transfer = transfer
         self.metrics = metrics
         self.replica = replica
-        self.limiter = transfer.limiter
+        self.limiter = transfer.limiter  # the replica's: it holds the cap
         self.pacing = CapShare(replica)
         self.breaker = Breaker(probe=self._probe, on_change=self._wake)
-        self.concurrency = ConcurrencyController(initial=min(4, config.max_concurrency),
-                                                 maximum=config.max_concurrency)
+        rate = self.limiter.rate
+        # Fresh photos go one at a time at first (each sooner, rather than all slower); the
+        # backlog starts with a few, to fill the link with small photos. Both adapt.
+        self.lanes = {
+            name: Lane(name, queue, RateLimiter(rate),
+                       ConcurrencyController(initial=min(initial, config.max_concurrency),
+                                             maximum=config.max_concurrency),
+                       Slots(min(initial, config.max_concurrency)))
+            for name, queue, initial in ((FRESH, topology.FRESH_QUEUE, 1), (BACKLOG, topology.SHIP_QUEUE, 4))
+        }
         self.control = ShippingControl()
-        self.backlog = 0
+        self.fresh_share = config.schedule.fresh_share
         self.egress = 0.0
         self.shipped_objects = 0
-        self._threads = Threads(config.max_concurrency + 1)
-        self._consumer_tag: str | None = None
+        self._threads = Threads(2 * config.max_concurrency + 1)
         self._listeners: list[AbstractQueue] = []  # robust channels restore only what is referenced
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -97,12 +137,11 @@ class Shipper:
         self._idle.set()
         self._stopping = False
         self._ran_dry = False
-        self._prefetch = 0
         self._next_control = self._next_backlog = self._next_concurrency = self._next_heartbeat = 0.0
         self._last_granted, self._last_tick = self.limiter.granted, time.monotonic()
         self._warned: dict[str, float] = {}
-        self._starved_since: float | None = None
-        self._just_shipped: list[tuple[str, int]] = []  # told to the store keeper at the next round
+        # (id, size, lag in seconds, class): told to the store keeper at the next round.
+        self._just_shipped: list[tuple[str, int, float, str]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -120,19 +159,21 @@ class Shipper:
             await queue.consume(callback, no_ack=True)
             listeners.append(queue)
         self._listeners = listeners
-        # The shipping consumer is not robust (the pace loop decides when to consume):
-        # after a reconnection it is gone, and the pace loop starts it again if it should.
+        # The shipping consumers are not robust (the pace loop decides when to consume):
+        # after a reconnection they are gone, and the pace loop starts them again if it should.
         broker.connection.reconnect_callbacks.add(self._on_reconnected)
         self._wake()
 
     async def stop(self) -> None:
         """Stop consuming, let shipments in flight finish (bounded), then release the rest."""
         self._stopping = True
-        self.pacing.may_send.set()  # photos still waiting for their turn are released at once
-        if self.broker.is_ready:
-            with self._dependency("stopping the consumer"):
-                await self._set_consuming(False)
-        self._consumer_tag = None
+        for gate in (self.pacing.may_send, *(lane.may_send for lane in self.lanes.values())):
+            gate.set()  # photos still waiting for their turn are released at once
+        for lane in self.lanes.values():
+            if self.broker.is_ready:
+                with self._dependency("stopping the consumer"):
+                    await self._set_consuming(lane, False)
+            lane.consumer_tag = None
         if self._in_flight:
             log.info("stopping: finishing shipments in flight", extra={"in_flight": len(self._in_flight)})
             if not await _wait(self._idle, self.config.shutdown_timeout):
@@ -160,7 +201,7 @@ class Shipper:
             return "breaker_open"
         if self.pacing.cap <= 0:
             return "paused"
-        if self._consumer_tag is None:
+        if all(lane.consumer_tag is None for lane in self.lanes.values()):
             return "starting"
         return "running"
 
@@ -172,11 +213,12 @@ class Shipper:
             cap_bytes_per_s=self.pacing.cap,
             share_bytes_per_s=self.pacing.share,
             egress_bytes_per_s=self.egress,
+            fresh_egress_bytes_per_s=self.lanes[FRESH].egress,
             sent_bytes_total=self.limiter.granted,
             shipped_objects_total=self.shipped_objects,
             in_flight=len(self._in_flight),
-            concurrency=self.concurrency.limit,
-            link_limited=self.concurrency.link_limited,
+            concurrency=sum(lane.concurrency.limit for lane in self.lanes.values()),
+            link_limited=any(lane.concurrency.link_limited for lane in self.lanes.values()),
             breaker_reason=self.breaker.reason,
         )
 
@@ -195,11 +237,12 @@ class Shipper:
             self._wake()  # re-split the cap now, before the peer starts sending
 
     def _on_reconnected(self, _connection: object) -> None:
-        self._consumer_tag = None
+        for lane in self.lanes.values():
+            lane.consumer_tag = None
         self._wake()
 
     async def _pace(self) -> StepResult:
-        """One round: settings, queue depth, busy or not, the share, consuming, concurrency, heartbeat."""
+        """One round: settings, queue depths, busy or not, the shares, consuming, concurrency, heartbeat."""
         now = time.monotonic()
         if now >= self._next_control:
             self._next_control = now + CONTROL_REFRESH_S
@@ -208,21 +251,25 @@ class Shipper:
         if (now >= self._next_backlog or (self._ran_dry and not self._in_flight)) and self.broker.is_ready:
             self._ran_dry = False
             self._next_backlog = now + BACKLOG_REFRESH_S
-            with self._dependency("reading the shipping queue's depth"):
-                self.backlog = (await self.broker.queue_depth(topology.SHIP_QUEUE))[topology.SHIP_QUEUE]
-        if self.pacing.announce(now, holding=bool(self._in_flight), waiting=self.backlog):
+            with self._dependency("reading the shipping queues' depths"):
+                depths = await self.broker.queue_depth(*(lane.queue for lane in self.lanes.values()))
+                for lane in self.lanes.values():
+                    lane.waiting = depths[lane.queue]
+        waiting = sum(lane.waiting for lane in self.lanes.values())
+        if self.pacing.announce(now, holding=bool(self._in_flight), waiting=waiting):
             self._next_heartbeat = now  # tell the others at once, either way
-        share = self.pacing.split(self.control.cap(self.config.schedule, datetime.now(UTC)), now)
-        # While paused, shipments in flight finish at the share they had.
-        if share > 0 and share != self.limiter.rate:
-            self.limiter.set_rate(share)
-        with self._dependency("starting or stopping the consumer"):
-            await self._watch_deliveries(now)
-            await self._set_consuming(self._want_to_consume())
+        moment = datetime.now(UTC)
+        share = self.pacing.split(self.control.cap(self.config.schedule, moment), now)
+        self.fresh_share = self.control.fresh_share(self.config.schedule, moment)
+        self._apply_rates(share)
+        with self._dependency("starting or stopping a consumer"):
+            for lane in self.lanes.values():
+                await self._watch_deliveries(lane, now)
+                await self._set_consuming(lane, self._want_to_consume(lane))
         if now >= self._next_concurrency:
             self._next_concurrency = now + CONCURRENCY_WINDOW_S
-            with self._dependency("changing the prefetch"):
-                await self._adapt_concurrency()
+            for lane in self.lanes.values():
+                await self._adapt_concurrency(lane)
         self._account(now)
         if self._just_shipped and self.broker.is_ready:
             with self._dependency("telling the store keeper what shipped"):
@@ -233,6 +280,21 @@ class Shipper:
                 await self._publish_heartbeat()
         # Open the gate on time, not at the next tick.
         return self.pacing.opens_in(time.monotonic())
+
+    def _apply_rates(self, share: float) -> None:
+        """The replica's limiter at its share; each lane's at its part while both have work."""
+        # While paused, shipments in flight finish at the share they had.
+        if share > 0 and share != self.limiter.rate:
+            self.limiter.set_rate(share)
+        fresh, backlog = self.lanes[FRESH], self.lanes[BACKLOG]
+        rates = pacing.split(share, self.fresh_share, fresh_busy=fresh.busy, backlog_busy=backlog.busy)
+        for lane, rate in ((fresh, rates.fresh), (backlog, rates.backlog)):
+            if rate is None:
+                lane.may_send.clear()  # uploads under way finish; no new one starts
+                continue
+            if rate != lane.limiter.rate:
+                lane.limiter.set_rate(rate)
+            lane.may_send.set()
 
     @contextlib.contextmanager
     def _dependency(self, what: str) -> Iterator[None]:
@@ -245,71 +307,94 @@ class Shipper:
                 self._warned[what] = now
                 log.warning("shipping loop: %s failed; carrying on", what, extra={"error": str(exc)})
 
-    def _want_to_consume(self) -> bool:
-        return not self._stopping and self.pacing.cap > 0 and not self.breaker.open and self.broker.is_ready
+    def _want_to_consume(self, lane: Lane) -> bool:
+        if self._stopping or self.pacing.cap <= 0 or self.breaker.open or not self.broker.is_ready:
+            return False
+        # With no fresh share, fresh photos wait in their queue (or expire into the backlog)
+        # until the backlog is empty: strictly oldest first.
+        return not (lane.name == FRESH and self.fresh_share <= 0 and self.lanes[BACKLOG].busy)
 
-    async def _set_consuming(self, want: bool) -> None:
-        if want == (self._consumer_tag is not None) or self.broker.declared is None:
+    async def _set_consuming(self, lane: Lane, want: bool) -> None:
+        if want == (lane.consumer_tag is not None) or self.broker.declared is None:
             return
-        queue = self.broker.declared.queues[topology.SHIP_QUEUE]
+        queue = self.broker.declared.queues[lane.queue]
         if want:
             assert self.broker.channel is not None
-            self._prefetch = self._prefetch_limit(self.concurrency.limit)
-            await bounded(self.broker.channel.set_qos(prefetch_count=self._prefetch), "setting the prefetch",
+            # The prefetch applies to the consumer started next on the channel.
+            prefetch = self._prefetch_limit(lane)
+            await bounded(self.broker.channel.set_qos(prefetch_count=prefetch), "setting the prefetch",
                           timeout=CONSUMER_TIMEOUT_S)
-            self._consumer_tag = await bounded(queue.consume(self._handle, robust=False), "starting the consumer",
-                                               timeout=CONSUMER_TIMEOUT_S)
-            log.info("consuming the shipping queue", extra={"prefetch": self._prefetch})
+            lane.prefetch = prefetch
+
+            async def handle(message: AbstractIncomingMessage) -> None:
+                await self._handle(lane, message)
+
+            lane.consumer_tag = await bounded(queue.consume(handle, robust=False), "starting the consumer",
+                                              timeout=CONSUMER_TIMEOUT_S)
+            log.info("consuming", extra={"queue": lane.queue, "prefetch": prefetch})
         else:
-            tag, self._consumer_tag = self._consumer_tag, None
+            tag, lane.consumer_tag = lane.consumer_tag, None
             assert tag is not None
-            log.info("stopping consuming", extra={"state": self.state()})
+            log.info("stopping consuming", extra={"queue": lane.queue, "state": self.state()})
             await bounded(queue.cancel(tag), "stopping the consumer", timeout=CONSUMER_TIMEOUT_S)
 
-    async def _watch_deliveries(self, now: float) -> None:
-        """Start the consumer again when photos wait but none arrive (the broker dropped the
+    async def _watch_deliveries(self, lane: Lane, now: float) -> None:
+        """Start a consumer again when photos wait but none arrive (the broker dropped the
         consumer without telling, or its deliveries were lost): a safety net, not the normal path."""
-        starved = self._consumer_tag is not None and self.backlog > 0 and not self._in_flight
+        starved = lane.consumer_tag is not None and lane.waiting > 0 and lane.in_flight == 0
         if not starved:
-            self._starved_since = None
+            lane.starved_since = None
             return
-        if self._starved_since is None:
-            self._starved_since = now
-        elif now - self._starved_since >= STARVED_AFTER_S:
+        if lane.starved_since is None:
+            lane.starved_since = now
+        elif now - lane.starved_since >= STARVED_AFTER_S:
             log.warning("photos wait in the queue but the broker delivers none; starting the consumer again",
-                        extra={"waiting": self.backlog, "for_s": round(now - self._starved_since)})
-            self._starved_since = None
-            await self._set_consuming(False)
+                        extra={"queue": lane.queue, "waiting": lane.waiting, "for_s": round(now - lane.starved_since)})
+            lane.starved_since = None
+            await self._set_consuming(lane, False)
 
-    async def _adapt_concurrency(self) -> None:
-        limit = self._prefetch_limit(self.concurrency.evaluate(
-            window_s=CONCURRENCY_WINDOW_S, share=self.pacing.share,
-            backlog=self.backlog > 0 and self._consumer_tag is not None))
-        if self.broker.channel is not None and self._consumer_tag is not None and limit != self._prefetch:
-            await bounded(self.broker.channel.set_qos(prefetch_count=limit), "changing the prefetch",
-                          timeout=CONSUMER_TIMEOUT_S)
-        self._prefetch = limit
+    async def _adapt_concurrency(self, lane: Lane) -> None:
+        """Uploads at once in a lane, adapted to the link, and a prefetch to match."""
+        limit = lane.concurrency.evaluate(window_s=CONCURRENCY_WINDOW_S, share=lane.limiter.rate,
+                                          backlog=lane.waiting > 0 and lane.consumer_tag is not None)
+        if limit != lane.slots.limit:
+            await lane.slots.resize(limit)
+        if lane.consumer_tag is not None and self._prefetch_limit(lane) != lane.prefetch:
+            # A consumer keeps the prefetch it started with: start it again (next round).
+            with self._dependency("changing the prefetch"):
+                await self._set_consuming(lane, False)
 
-    def _prefetch_limit(self, wanted: int) -> int:
-        """Prefetch no more than ships well inside the broker's consumer timeout at this share:
-        every prefetched photo (up to the largest allowed) must be sent within a third of it."""
+    def _prefetch_limit(self, lane: Lane) -> int:
+        """As many as the lane uploads at once (the backlog one more, so its pipe never runs dry): what
+        waits beyond that stays in the queue, where a fresh photo can still expire into the backlog.
+        And no more than ships well inside the broker's consumer timeout at this share: every
+        prefetched photo (up to the largest allowed) must be sent within a third of it."""
+        wanted = lane.slots.limit + (1 if lane.name == BACKLOG else 0)
         if self.pacing.share <= 0:
             return wanted
         fits = int(self.pacing.share * self.config.consumer_timeout / 3 / self.config.max_image_bytes)
         return max(1, min(wanted, fits))
 
     def _account(self, now: float) -> None:
+        elapsed = max(now - self._last_tick, 1e-3)
         granted = self.limiter.granted
         self.metrics.sent_bytes.inc(granted - self._last_granted)
-        self.egress = 0.7 * self.egress + 0.3 * (granted - self._last_granted) / max(now - self._last_tick, 1e-3)
+        self.egress = 0.7 * self.egress + 0.3 * (granted - self._last_granted) / elapsed
         self._last_granted, self._last_tick = granted, now
+        for lane in self.lanes.values():
+            lane_granted = lane.limiter.granted
+            lane.egress = 0.7 * lane.egress + 0.3 * (lane_granted - lane.last_granted) / elapsed
+            self.metrics.class_sent_bytes.labels(lane.name).inc(lane_granted - lane.last_granted)
+            lane.last_granted = lane_granted
+            self.metrics.lane_egress.labels(lane.name).set(lane.egress)
         m = self.metrics
         m.cap.set(self.pacing.cap)
         m.share.set(self.pacing.share)
+        m.fresh_share.set(self.fresh_share)
         m.egress.set(self.egress)
         m.breaker_open.set(1 if self.breaker.open else 0)
-        m.link_limited.set(1 if self.concurrency.link_limited else 0)
-        m.concurrency.set(self.concurrency.limit)
+        m.link_limited.set(1 if any(lane.concurrency.link_limited for lane in self.lanes.values()) else 0)
+        m.concurrency.set(sum(lane.concurrency.limit for lane in self.lanes.values()))
         m.in_flight.set(len(self._in_flight))
 
     async def _publish_heartbeat(self) -> None:
@@ -331,24 +416,31 @@ class Shipper:
 
     # -- one message ---------------------------------------------------------------------
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        lane.in_flight += 1
         self._idle.clear()
-        if not self.pacing.announced_busy:
-            self._wake()  # announce now rather than at the next tick
+        if not self.pacing.announced_busy or not lane.may_send.is_set():
+            self._wake()  # announce now, and split the share, rather than at the next tick
         try:
             await self.pacing.may_send.wait()
-            await self._ship(message)
+            await lane.may_send.wait()
+            async with lane.slots.hold():
+                await self._ship(lane, message)
         finally:
             self._in_flight.discard(task)
+            lane.in_flight -= 1
+            if not lane.in_flight:
+                # The other lane may take the whole share now: the pace loop re-splits it at once,
+                # and looks whether more waits.
+                self._ran_dry = True
+                self._wake()
             if not self._in_flight:
                 self._idle.set()
-                self._ran_dry = True  # is more waiting? the pace loop looks at once
-                self._wake()
 
-    async def _ship(self, message: AbstractIncomingMessage) -> None:
+    async def _ship(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         """Try the photo once and carry out what the policy decides."""
         attempt = messages.attempt_of(message.headers)
         job: photos.PhotoMessage | None = None
@@ -360,7 +452,7 @@ class Shipper:
                 raise Aborted("the shipper is stopping")
             job = _parse(message)
             async with self._photo_locks.hold(job.id):
-                shipment = await self._ship_job(job)
+                shipment = await self._ship_job(job, Pace(lane.limiter, self.limiter))
         except Exception as exc:
             outcome = exc
             if not isinstance(exc, TransferError | policy.Malformed | policy.DeliveredTooOften | StoreUnavailable):
@@ -369,13 +461,13 @@ class Shipper:
         decision = policy.decide(outcome, attempt=attempt, max_attempts=self.config.max_attempts)
         await self._carry_out(message, job, decision)
         if outcome is None and job is not None:
-            self._count_shipped(job, shipment, attempt, time.monotonic() - started)
+            self._count_shipped(lane, job, shipment, attempt, time.monotonic() - started)
 
-    async def _ship_job(self, job: photos.PhotoMessage) -> Shipment | None:
+    async def _ship_job(self, job: photos.PhotoMessage, pace: Pace) -> Shipment | None:
         """Copy the photo and mark it shipped; None when its marker says it was shipped before."""
         if await self.store.exists(photos.shipped_marker_key(job.id)):
             return None
-        shipment = await self._threads.run(self.transfer.ship, job)
+        shipment = await self._threads.run(self.transfer.ship, job, pace)
         await self._mark_shipped(job, shipment)
         return shipment
 
@@ -395,19 +487,20 @@ class Shipper:
             },
         )
 
-    def _count_shipped(self, job: photos.PhotoMessage, shipment: Shipment | None, attempt: int,
+    def _count_shipped(self, lane: Lane, job: photos.PhotoMessage, shipment: Shipment | None, attempt: int,
                        duration_s: float) -> None:
         self.breaker.record_success()
         uploaded = shipment is not None and shipment.uploaded
         if shipment is not None:
-            self._just_shipped.append((job.id, job.size))
-            self.shipped_objects += 1
-            self.concurrency.record_sent(shipment.body_bytes)
             lag = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(job.received_at)).total_seconds())
-            self.metrics.lag.observe(lag)
+            self._just_shipped.append((job.id, job.size, round(lag, 3), lane.name))
+            self.shipped_objects += 1
+            lane.concurrency.record_sent(shipment.body_bytes)
+            self.metrics.lag.labels(lane.name).observe(lag)
             log.info("photo shipped" if uploaded else "photo already in S3",
                      extra={"photo_id": job.id, "size": job.size, "remote_key": shipment.remote_key,
-                            "duration_ms": round(duration_s * 1000), "lag_s": round(lag, 1), "attempt": attempt})
+                            "duration_ms": round(duration_s * 1000), "lag_s": round(lag, 1), "attempt": attempt,
+                            "class": lane.name})
         if uploaded:
             assert shipment is not None
             self.metrics.shipped_objects.inc()
@@ -422,7 +515,8 @@ class Shipper:
         elif decision.transient:
             self.breaker.record_transient(decision.reason)
         if decision.throttled:
-            self.concurrency.record_throttled()
+            for lane in self.lanes.values():
+                lane.concurrency.record_throttled()
         match decision.action:
             case Action.ACK:
                 await self._ack(message)

@@ -65,3 +65,23 @@ class RateLimiter:
         now = self._clock()
         self._tokens = min(self._rate * self._burst_s, self._tokens + (now - self._updated) * self._rate)
         self._updated = now
+
+
+class Pace:
+    """The limiters one upload's bytes pass in turn: its class's share, then the replica's cap.
+
+    The replica's limiter holds the cap whatever the classes do; a class's limiter
+    holds it to its share while the other class also has work (the pace loop sets it
+    to the whole share otherwise).
+    """
+
+    def __init__(self, *limiters: RateLimiter) -> None:
+        self.limiters = limiters
+
+    def piece(self) -> int:
+        return min(limiter.piece() for limiter in self.limiters)
+
+    def acquire(self, nbytes: int) -> None:
+        for limiter in self.limiters:
+            limiter.acquire(nbytes)
+

@@ -33,8 +33,22 @@ class ShipperMetrics:
         )
         self.lag = Histogram(
             "photoferry_shipper_lag_seconds",
-            "Time from the gateway's receipt of a photo to its arrival in S3",
-            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
+            "Time from the gateway's receipt of a photo to its arrival in S3, by class (fresh, backlog)",
+            ["class"],
+            buckets=(1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400,
+                     7 * 86400),
+            registry=r,
+        )
+        self.class_sent_bytes = Counter(
+            "photoferry_shipper_class_sent_bytes", "Bytes sent towards S3 by class (fresh, backlog)", ["class"],
+            registry=r,
+        )
+        self.lane_egress = Gauge(
+            "photoferry_shipper_class_egress_bytes_per_second", "Egress achieved by class (fresh, backlog)",
+            ["class"], registry=r,
+        )
+        self.fresh_share = Gauge(
+            "photoferry_shipper_fresh_share_ratio", "Share of the cap fresh photos may take while a backlog waits",
             registry=r,
         )
         self.retries = Counter(

@@ -8,12 +8,17 @@ before it sends, so the shares never add up to more than the cap; while photos
 wait in the queue it stays busy for ``BUSY_GRACE_S`` after its last one, so a
 steady stream does not pay that wait, and when none wait it turns idle at once.
 
+Within a replica, the share is split between two classes of work (``split``):
+fresh photos may take up to ``fresh_share`` of it while the backlog also has
+work; whatever one class does not use, the other may.
+
 Pure bookkeeping on a clock the caller passes in: no I/O, no sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from services.common.shipping import PEER_TTL_S, Heartbeat
 
@@ -77,3 +82,28 @@ class CapShare:
         """Say goodbye: the next heartbeat tells the others this replica is idle."""
         self.announced_busy = False
         self.may_send.clear()
+
+
+@dataclass(frozen=True)
+class ClassRates:
+    """Each class's rate in bytes per second; None: it may not start uploads now."""
+
+    fresh: float | None
+    backlog: float | None
+
+
+def split(share: float, fresh_share: float, *, fresh_busy: bool, backlog_busy: bool) -> ClassRates:
+    """Split this replica's ``share`` between fresh photos and the backlog.
+
+    Both busy: fresh takes ``fresh_share`` of it and the backlog the rest (with a
+    share of 0 fresh photos wait until the backlog is empty: strictly oldest first;
+    with 1 the backlog waits). One busy: it may take the whole share.
+    """
+    if share <= 0:
+        return ClassRates(None, None)
+    if not (fresh_busy and backlog_busy):
+        return ClassRates(share, share)
+    fresh = share * fresh_share
+    backlog = share - fresh
+    return ClassRates(fresh if fresh > 0 else None, backlog if backlog > 0 else None)
+

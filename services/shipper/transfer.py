@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 
 from services.common.photos import PhotoMessage
-from services.shipper.limiter import RateLimiter
+from services.shipper.limiter import Pace, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def b64(digest: bytes) -> str:
 class PacedReader(io.RawIOBase):
     """A body for boto3: bytes from ``source``, paced by ``limiter``, checked before the last ones leave."""
 
-    def __init__(self, source: BinaryIO, size: int, limiter: RateLimiter, *, expected_sha256: str | None,
+    def __init__(self, source: BinaryIO, size: int, limiter: Pace, *, expected_sha256: str | None,
                  abort: threading.Event) -> None:
         super().__init__()
         self._abort = abort
@@ -211,24 +211,26 @@ class Transfer:
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc) from None
 
-    def ship(self, job: PhotoMessage) -> Shipment:
-        """Copy the photo of ``job`` to S3 unless it is there already with the same SHA-256."""
+    def ship(self, job: PhotoMessage, pace: Pace | None = None) -> Shipment:
+        """Copy the photo of ``job`` to S3 unless it is there already with the same SHA-256;
+        its bytes pass ``pace`` (the replica's limiter alone when not given)."""
+        pace = pace or Pace(self.limiter)
         key = self.remote_key(job.key)
-        if self._remote_sha256(key) == job.sha256:
+        if self._remote_sha256(key, pace) == job.sha256:
             return Shipment(key, uploaded=False, body_bytes=0)
         body, metadata = self._open_local(job)
         try:
             if job.size > self._threshold:
-                self._multipart(job, key, body, metadata)
+                self._multipart(job, key, body, metadata, pace)
             else:
-                self._single(job, key, body, metadata)
+                self._single(job, key, body, metadata, pace)
         finally:
             body.close()
         return Shipment(key, uploaded=True, body_bytes=job.size)
 
-    def _remote_sha256(self, key: str) -> str | None:
+    def _remote_sha256(self, key: str, pace: Pace) -> str | None:
         """The SHA-256 (hex) of what S3 holds at ``key``, or None when nothing is there."""
-        self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
+        pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             head = self._remote.head_object(Bucket=self.remote_bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
@@ -261,9 +263,9 @@ class Transfer:
         metadata["sha256"] = job.sha256
         return response["Body"], metadata
 
-    def _single(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str]) -> None:
-        reader = PacedReader(body, job.size, self.limiter, expected_sha256=job.sha256, abort=self.abort)
-        self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
+    def _single(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str], pace: Pace) -> None:
+        reader = PacedReader(body, job.size, pace, expected_sha256=job.sha256, abort=self.abort)
+        pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             response = self._remote.put_object(
                 Bucket=self.remote_bucket,
@@ -282,9 +284,9 @@ class Transfer:
         if reported and reported != b64(bytes.fromhex(job.sha256)):
             raise Transient(f"S3 reports checksum {reported} for {key}, which is not the photo's")
 
-    def _multipart(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str]) -> None:
+    def _multipart(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str], pace: Pace) -> None:
         self._abort_leftovers(key)
-        self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
+        pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             upload_id = self._remote.create_multipart_upload(
                 Bucket=self.remote_bucket, Key=key, ContentType=job.content_type,
@@ -293,8 +295,8 @@ class Transfer:
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc) from None
         try:
-            parts, part_digests = self._upload_parts(job, key, body, upload_id)
-            self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
+            parts, part_digests = self._upload_parts(job, key, body, upload_id, pace)
+            pace.acquire(REQUEST_OVERHEAD_BYTES)
             result = self._remote.complete_multipart_upload(
                 Bucket=self.remote_bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
             )
@@ -310,7 +312,7 @@ class Transfer:
             raise Transient(f"S3 reports checksum {reported} for {key}; the parts sent make {composite}")
 
     def _upload_parts(
-        self, job: PhotoMessage, key: str, body: Any, upload_id: str
+        self, job: PhotoMessage, key: str, body: Any, upload_id: str, pace: Pace
     ) -> tuple[list[dict[str, Any]], list[bytes]]:
         whole = hashlib.sha256()
         parts: list[dict[str, Any]] = []
@@ -324,8 +326,8 @@ class Transfer:
                 # Checked before the last part leaves: the upload is never completed.
                 raise LocalCorrupt(f"local object's SHA-256 is {whole.hexdigest()}, its message says {job.sha256}")
             digest = hashlib.sha256(data).digest()
-            reader = PacedReader(io.BytesIO(data), len(data), self.limiter, expected_sha256=None, abort=self.abort)
-            self.limiter.acquire(REQUEST_OVERHEAD_BYTES)
+            reader = PacedReader(io.BytesIO(data), len(data), pace, expected_sha256=None, abort=self.abort)
+            pace.acquire(REQUEST_OVERHEAD_BYTES)
             try:
                 response = self._remote.upload_part(
                     Bucket=self.remote_bucket, Key=key, UploadId=upload_id, PartNumber=len(parts) + 1,

@@ -4,7 +4,8 @@
     GET  /api/history           samples of backlog, ingest, egress and cap, for charts
     POST /api/shipping/pause    optional {"until": RFC 3339}
     POST /api/shipping/resume
-    PUT  /api/shipping/rate     {"rate": "40Mbit"} (or bytes per second), or {"rate": null} for the schedule
+    PUT  /api/shipping/rate     {"rate": "40Mbit"} (or bytes per second), and/or {"fresh_share": 0.3};
+                                null returns either to the schedule
     GET  /api/parked            parked photos with their reasons
     POST /api/parked/replay     send parked photos back to shipping
     POST /api/sweep             sweep (reconcile, retention, capacity) now
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -25,8 +27,8 @@ from services.common import parking
 from services.common.broker import BrokerUnavailable
 from services.common.localstore import StoreUnavailable
 from services.common.problems import Problem, json_response
-from services.common.shipping import ShippingControl, read_control, write_control
-from services.common.units import parse_rate
+from services.common.shipping import read_control, write_control
+from services.common.units import parse_fraction, parse_rate
 from services.store.keeper import Keeper
 
 KEEPER = web.AppKey("keeper", Keeper)
@@ -62,21 +64,25 @@ async def pause(request: web.Request) -> web.Response:
     until = body.get("until")
     if until is not None:
         until = _future_time(until)
-    return await _change(request, lambda c: ShippingControl(rate_override=c.rate_override, paused=True,
-                                                            paused_until=until))
+    return await _change(request, lambda c: replace(c, paused=True, paused_until=until))
 
 
 async def resume(request: web.Request) -> web.Response:
-    return await _change(request, lambda c: ShippingControl(rate_override=c.rate_override))
+    return await _change(request, lambda c: replace(c, paused=False, paused_until=None))
 
 
 async def set_rate(request: web.Request) -> web.Response:
+    """``{"rate": "40Mbit"}`` and/or ``{"fresh_share": 0.3}``; ``null`` returns either to the schedule."""
     body = await _json_object(request, allow_empty=False)
-    if "rate" not in body:
-        raise Problem(400, 'the body must say {"rate": "40Mbit"} (or a number of bytes per second, or null)')
-    rate = _rate(body["rate"])
-    return await _change(request, lambda c: ShippingControl(rate_override=rate, paused=c.paused,
-                                                            paused_until=c.paused_until))
+    if not {"rate", "fresh_share"} & set(body) or set(body) - {"rate", "fresh_share"}:
+        raise Problem(400, 'the body must say {"rate": "40Mbit"} (or a number of bytes per second, or null) '
+                           'and/or {"fresh_share": 0.3} (a fraction of the cap, or null), and nothing else')
+    changes: dict[str, Any] = {}
+    if "rate" in body:
+        changes["rate_override"] = _rate(body["rate"])
+    if "fresh_share" in body:
+        changes["fresh_share_override"] = _share(body["fresh_share"])
+    return await _change(request, lambda c: replace(c, **changes))
 
 
 async def list_parked(request: web.Request) -> web.Response:
@@ -126,7 +132,8 @@ async def _change(request: web.Request, new: Any) -> web.Response:
     except StoreUnavailable as exc:
         raise Problem(503, f"the local store is unavailable; nothing changed: {exc}", retry_after=5) from None
     figures = keeper.status()
-    return json_response(figures["control"] | {"cap_bytes_per_s": figures["cap_bytes_per_s"]})
+    return json_response(figures["control"] | {"cap_bytes_per_s": figures["cap_bytes_per_s"],
+                                               "fresh_share": figures["fresh"]["share"]})
 
 
 async def _json_object(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
@@ -173,6 +180,17 @@ def _rate(value: Any) -> float | None:
         except ValueError as exc:
             raise Problem(400, f"rate: {exc}") from None
     raise Problem(400, "rate must be a rate such as \"40Mbit\", a number of bytes per second, or null")
+
+
+def _share(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise Problem(400, "fresh_share must be a fraction of the cap such as 0.3 or \"30%\", or null")
+    try:
+        return parse_fraction(str(value))
+    except ValueError as exc:
+        raise Problem(400, f"fresh_share: {exc}") from None
 
 
 def add_routes(app: web.Application) -> None:

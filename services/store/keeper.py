@@ -39,7 +39,7 @@ from services.common.supervise import DONE, StepResult, Supervisor
 from services.common.units import format_bytes, format_duration
 from services.store.disk import Disk, DiskGauge, DiskUnavailable, Usage
 from services.store.forecast import drain_eta_s, full_eta_s
-from services.store.live import LiveBacklog
+from services.store.live import LagWindow, LiveBacklog
 from services.store.metrics import KeeperMetrics
 from services.store.sweep import SweepResult, sweep
 from services.store.tap import RateWindow, Tap
@@ -69,8 +69,9 @@ class Keeper:
         self.tap = tap
         self.metrics = metrics
         self.backlog = LiveBacklog()
+        self.lags = LagWindow()
         tap.on_queued = self.backlog.queued
-        tap.on_shipped = self.backlog.shipped
+        tap.on_shipped = self._heard_shipped
         self.last_sweep: SweepResult | None = None
         self.admission = Admission()
         self.control = ShippingControl()
@@ -135,6 +136,10 @@ class Keeper:
             if upload["Initiated"] < cutoff:
                 self.admin.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 log.info("aborted an incomplete multipart upload", extra={"key": upload["Key"]})
+
+    def _heard_shipped(self, photo_id: str, size: int, lag_s: float, kind: str) -> None:
+        self.backlog.shipped(photo_id, size)
+        self.lags.add(lag_s, kind)
 
     # -- sweeps and reconciling -------------------------------------------------------------
 
@@ -312,6 +317,7 @@ class Keeper:
         shippers = self.tap.shippers()
         ingest = self.tap.ingest_bytes.rate()
         egress = sum(beat.egress_bytes_per_s for beat in shippers)
+        fresh_egress = sum(beat.fresh_egress_bytes_per_s for beat in shippers)
         cap = self.control.cap(self.config.schedule, now)
         link_limited = any(beat.link_limited for beat in shippers)
         backlog = self.backlog.now()
@@ -330,6 +336,18 @@ class Keeper:
             "ingest_photos_per_s": round(self.tap.ingest_photos.rate(), 3),
             "egress_bytes_per_s": round(egress, 1),
             "cap_bytes_per_s": cap,
+            # Two classes share the cap: fresh photos (younger than the window) and the backlog.
+            "fresh": {
+                "window_s": self.config.fresh_window,
+                "share": self.control.fresh_share(self.config.schedule, now),
+                "share_override": self.control.fresh_share_override,
+                "egress_bytes_per_s": round(fresh_egress, 1),
+                "lag": self.lags.percentiles("fresh"),
+            },
+            "backlog_class": {
+                "egress_bytes_per_s": round(max(0.0, egress - fresh_egress), 1),
+                "lag": self.lags.percentiles("backlog"),
+            },
             "eta_drain_s": _rounded(eta_drain),
             "store_used_bytes": usage.photo_bytes,
             "store_capacity_bytes": usage.capacity_bytes,
@@ -345,8 +363,9 @@ class Keeper:
             "parked": max(sweep_result.parked if sweep_result else 0, self.parked_messages),
             "queued_messages": self.queued,
             "shipping": self._shipping_state(shippers, now),
-            "control": {"rate_override": self.control.rate_override, "paused": self.control.is_paused(now),
-                        "paused_until": self.control.paused_until},
+            "control": {"rate_override": self.control.rate_override,
+                        "fresh_share_override": self.control.fresh_share_override,
+                        "paused": self.control.is_paused(now), "paused_until": self.control.paused_until},
             "shippers": [{"replica": b.replica, "state": b.state, "busy": b.busy,
                           "egress_bytes_per_s": round(b.egress_bytes_per_s, 1), "concurrency": b.concurrency,
                           "link_limited": b.link_limited, "breaker_reason": b.breaker_reason}

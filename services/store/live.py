@@ -16,6 +16,8 @@ restarting, a notice lost).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -65,3 +67,30 @@ class LiveBacklog:
         else:
             oldest = None
         return Backlog(photos=max(0, photos), bytes=max(0, size), oldest=oldest)
+
+
+class LagWindow:
+    """Seconds from receipt to S3 of the photos shipped lately, by class, for percentiles."""
+
+    def __init__(self, span_s: float = 600.0) -> None:
+        self.span_s = span_s
+        self._shipped: deque[tuple[float, float, str]] = deque()  # (when, lag, class)
+
+    def add(self, lag_s: float, kind: str, now: float | None = None) -> None:
+        self._shipped.append((time.time() if now is None else now, lag_s, kind))
+
+    def percentiles(self, kind: str, now: float | None = None) -> dict[str, float | int | None]:
+        """p50 and p99 of the lag of ``kind`` over the span, and how many photos that is."""
+        cutoff = (time.time() if now is None else now) - self.span_s
+        while self._shipped and self._shipped[0][0] < cutoff:
+            self._shipped.popleft()
+        lags = sorted(lag for _, lag, k in self._shipped if k == kind)
+        if not lags:
+            return {"p50_s": None, "p99_s": None, "photos": 0}
+        return {"p50_s": round(_rank(lags, 0.5), 2), "p99_s": round(_rank(lags, 0.99), 2), "photos": len(lags)}
+
+
+def _rank(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank)."""
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+

@@ -46,6 +46,15 @@ class KeeperMetrics:
         self.silent_devices = Gauge("photoferry_store_silent_devices",
                                     "Devices with no upload for PHOTOFERRY_SILENT_AFTER", registry=r)
         self.shippers = Gauge("photoferry_store_shippers", "Shipper replicas heard from lately", registry=r)
+        self.fresh_lag = Gauge("photoferry_store_fresh_lag_seconds",
+                               "Receipt to S3 of fresh photos shipped in the last 10 minutes", ["quantile"],
+                               registry=r)
+        self.fresh_window = Gauge("photoferry_store_fresh_window_seconds",
+                                  "How long a photo counts as fresh (PHOTOFERRY_SHIP_FRESH_WINDOW)", registry=r)
+        self.fresh_share = Gauge("photoferry_store_fresh_share_ratio",
+                                 "Share of the cap fresh photos may take while a backlog waits", registry=r)
+        self.fresh_egress = Gauge("photoferry_store_fresh_egress_bytes_per_second",
+                                  "Bytes sent to S3 for fresh photos, all shippers", registry=r)
         self.queue_messages = Gauge("photoferry_store_queue_messages",
                                     "Messages ready on each of photoferry's queues", ["queue"], registry=r)
         self.used = Gauge("photoferry_store_used_bytes", "Bytes the local copies take (estimated)", registry=r)
@@ -84,4 +93,11 @@ class KeeperMetrics:
         self.devices.set(figures["devices"])
         self.silent_devices.set(len(figures["silent_devices"]))
         self.shippers.set(len(figures["shippers"]))
+        fresh = figures["fresh"]
+        self.fresh_window.set(fresh["window_s"])
+        self.fresh_share.set(fresh["share"])
+        self.fresh_egress.set(fresh["egress_bytes_per_s"])
+        for quantile, key in (("0.5", "p50_s"), ("0.99", "p99_s")):
+            if fresh["lag"][key] is not None:
+                self.fresh_lag.labels(quantile).set(fresh["lag"][key])
 

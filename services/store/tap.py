@@ -64,13 +64,14 @@ class Tap:
         self._queues: list[AbstractQueue] = []
         # Set by the keeper: told of every first publish and every shipment, for the live backlog.
         self.on_queued: Callable[[str, int, float], None] | None = None
-        self.on_shipped: Callable[[str, int], None] | None = None
+        self.on_shipped: Callable[[str, int, float, str], None] | None = None
 
     async def attach(self, broker: Broker) -> None:
         """Bind temporary queues to the photos and status exchanges (on broker ready)."""
         assert broker.channel is not None and broker.declared is not None
         copies = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
-        await copies.bind(broker.declared.exchanges[topology.PHOTOS_EXCHANGE], topology.SHIP_ROUTING_KEY)
+        for routing_key in (topology.FRESH_ROUTING_KEY, topology.SHIP_ROUTING_KEY):
+            await copies.bind(broker.declared.exchanges[topology.PHOTOS_EXCHANGE], routing_key)
         await copies.consume(self._on_photo, no_ack=True)
         heartbeats = await broker.channel.declare_queue("", exclusive=True, auto_delete=True)
         await heartbeats.bind(broker.declared.exchanges[topology.STATUS_EXCHANGE])
@@ -98,8 +99,8 @@ class Tap:
     async def _on_shipped(self, message: AbstractIncomingMessage) -> None:
         notice = ShippedNotice.from_json(message.body)
         if notice is not None and self.on_shipped is not None:
-            for photo_id, size in notice.photos:
-                self.on_shipped(photo_id, size)
+            for photo_id, size, lag, kind in notice.photos:
+                self.on_shipped(photo_id, size, lag, kind)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         beat = Heartbeat.from_json(message.body)

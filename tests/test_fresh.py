@@ -1,0 +1,200 @@
+"""Fresh photos first: new photos ship within seconds while the backlog drains at its share of the cap.
+
+The fresh window is 5 s here: photos older than that (queued while shipping was
+paused) have expired into the backlog queue.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.proxy import CountingProxy, peak_rate
+from devtools.servers import ServiceProcess, wait_until
+from services.common import photos, topology
+from services.common.shipping import ShippingControl
+from tests.conftest import start_service, stop_cleanly
+from tests.helpers import Site, metric_value, set_control, upload_many
+
+pytestmark = pytest.mark.servers
+
+PREFIX = "site-test/"
+CAP = 1_000_000
+WINDOW_S = 5
+
+
+@pytest.fixture(scope="module")
+def env(site: Site, proxy: CountingProxy) -> dict[str, str]:
+    return site.env(PHOTOFERRY_S3_ENDPOINT=proxy.endpoint, PHOTOFERRY_SHIP_RATE=f"{CAP}",
+                    PHOTOFERRY_SHIP_FRESH_WINDOW=f"{WINDOW_S}s", PHOTOFERRY_SHIP_FRESH_SHARE="0.5")
+
+
+@pytest.fixture(scope="module")
+def gateway(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
+    service = start_service("gateway", env, logs)
+    yield service
+    stop_cleanly(service)
+
+
+@pytest.fixture(scope="module")
+def shipper(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
+    service = start_service("shipper", env, logs)
+    yield service
+    stop_cleanly(service)
+
+
+def depth(site: Site, queue: str, figure: str = "messages") -> int:
+    return int(site.rabbit.management("GET", f"queues/{site.name}/{queue}").get(figure, 0))  # type: ignore[union-attr]
+
+
+def arrived(site: Site, ids: list[str]) -> set[str]:
+    keys = {item["Key"] for page in site.remote_client().get_paginator("list_objects_v2").paginate(
+        Bucket=site.remote_bucket, Prefix=PREFIX) for item in page.get("Contents", [])}
+    return {i for i in ids if PREFIX + photos.object_key(i) in keys}
+
+
+def make_backlog(site: Site, gateway: ServiceProcess, count: int, size: int, device: str) -> list[str]:
+    """Photos queued while shipping is paused, kept until they expired into the backlog queue."""
+    ids = list(upload_many(gateway.url, count, device=device, size=size))
+    wait_until(lambda: depth(site, topology.FRESH_QUEUE) == 0
+               and depth(site, topology.SHIP_QUEUE, "messages_ready") >= count,
+               timeout=WINDOW_S + 20, what="the photos expired into the backlog")
+    return ids
+
+
+def shipped_classes(logs: Path, ids: list[str]) -> dict[str, str]:
+    """Which class shipped each photo, from the shippers' log lines."""
+    found = {}
+    for logfile in logs.glob("shipper-*.log"):
+        for line in logfile.read_text(errors="replace").splitlines():
+            if '"photo shipped"' in line:
+                entry = json.loads(line)
+                if entry["photo_id"] in ids:
+                    found[entry["photo_id"]] = entry["class"]
+    return found
+
+
+def test_new_photos_arrive_within_seconds_while_the_backlog_drains(
+    gateway: ServiceProcess, shipper: ServiceProcess, site: Site, proxy: CountingProxy, logs: Path
+) -> None:
+    set_control(site, ShippingControl(paused=True))
+    try:
+        backlog = make_backlog(site, gateway, 24, 250_000, "cam-backlog")  # 6 MB: six seconds at the cap
+    finally:
+        set_control(site, ShippingControl())
+    resumed = time.monotonic()
+    lags: dict[str, float] = {}
+    sent: dict[str, float] = {}
+    backlog_done: dict[str, float] = {}
+    for _ in range(10):  # one new photo a second, a quarter of the cap
+        sent.update({i: time.monotonic() for i in upload_many(gateway.url, 1, device="cam-new", size=250_000)})
+        for i in arrived(site, list(sent)):
+            lags.setdefault(i, time.monotonic() - sent[i])
+        for i in arrived(site, backlog):
+            backlog_done.setdefault(i, time.monotonic() - resumed)
+        time.sleep(max(0.0, resumed + len(sent) - time.monotonic()))  # the send schedule, not a wait for a condition
+
+    def all_in() -> bool:
+        for i in arrived(site, list(sent)):
+            lags.setdefault(i, time.monotonic() - sent[i])
+        for i in arrived(site, backlog):
+            backlog_done.setdefault(i, time.monotonic() - resumed)
+        return len(lags) == len(sent) and len(backlog_done) == len(backlog)
+
+    wait_until(all_in, timeout=60, what="every photo in S3", interval=0.2)
+    # New photos did not wait behind the 6 MB backlog (six seconds at the cap, before any of them).
+    assert max(lags.values()) < 4, sorted(lags.values())
+    classes = shipped_classes(logs, list(sent))
+    assert set(classes.values()) == {"fresh"}, classes
+    # The backlog kept draining at no less than its half of the cap while they did.
+    halfway = sorted(backlog_done.values())[len(backlog) // 2 - 1]
+    assert (len(backlog) // 2) * 250_000 / halfway >= 0.45 * CAP
+    assert peak_rate(proxy.buckets(), 1.0) <= 1.05 * CAP
+    assert len(arrived(site, backlog + list(sent))) == len(backlog) + len(sent)
+
+
+def test_fresh_ingest_above_its_share_is_demoted_to_the_backlog_not_lost(
+    gateway: ServiceProcess, shipper: ServiceProcess, site: Site, logs: Path
+) -> None:
+    set_control(site, ShippingControl(paused=True))
+    try:
+        backlog = make_backlog(site, gateway, 40, 250_000, "cam-old")  # 10 MB: busy for the whole test
+    finally:
+        set_control(site, ShippingControl(fresh_share_override=0.25))  # 250 KB/s for fresh photos
+    try:
+        started = time.monotonic()
+        sent: dict[str, float] = {}
+        for n in range(10):  # 500 KB a second: twice the fresh share
+            sent.update({i: time.monotonic() for i in upload_many(gateway.url, 1, device="cam-many", size=500_000)})
+            time.sleep(max(0.0, started + n + 1 - time.monotonic()))  # the send schedule, not a wait for a condition
+        wait_until(lambda: len(arrived(site, backlog + list(sent))) == len(backlog) + len(sent), timeout=90,
+                   what="every photo in S3", interval=0.5)
+    finally:
+        set_control(site, ShippingControl())
+    classes = shipped_classes(logs, list(sent))
+    demoted = [i for i, kind in classes.items() if kind == "backlog"]
+    assert demoted, "fresh ingest above its share, yet nothing joined the backlog"
+    assert [i for i, kind in classes.items() if kind == "fresh"], "no photo shipped while fresh"
+    assert len(classes) == len(sent)  # each shipped once, by one class or the other
+    # The last acknowledgements follow the uploads; then nothing is left on either queue.
+    wait_until(lambda: depth(site, topology.FRESH_QUEUE) == 0 and depth(site, topology.SHIP_QUEUE) == 0,
+               timeout=20, what="both queues drained")
+
+
+def test_with_no_fresh_share_photos_ship_strictly_oldest_first(
+    gateway: ServiceProcess, shipper: ServiceProcess, site: Site
+) -> None:
+    set_control(site, ShippingControl(paused=True, fresh_share_override=0.0))
+    try:
+        backlog = make_backlog(site, gateway, 8, 250_000, "cam-first")
+        newer = list(upload_many(gateway.url, 3, device="cam-later", size=250_000))  # still fresh
+    finally:
+        set_control(site, ShippingControl(fresh_share_override=0.0))  # resume, no fresh share
+    try:
+        wait_until(lambda: len(arrived(site, backlog + newer)) == len(backlog) + len(newer), timeout=60,
+                   what="every photo in S3", interval=0.5)
+    finally:
+        set_control(site, ShippingControl())
+    local = site.local_client()
+
+    def shipped_at(photo_id: str) -> str:
+        head = local.head_object(Bucket=site.store_bucket, Key=photos.shipped_marker_key(photo_id))
+        return {k.lower(): v for k, v in head["Metadata"].items()}["shipped-at"]
+
+    assert max(map(shipped_at, backlog)) <= min(map(shipped_at, newer))
+
+
+def test_the_shares_hold_across_two_replicas(gateway: ServiceProcess, shipper: ServiceProcess, site: Site,
+                                            env: dict[str, str], logs: Path, proxy: CountingProxy) -> None:
+    second = start_service("shipper", env, logs)
+    try:
+        set_control(site, ShippingControl(paused=True))
+        try:
+            backlog = make_backlog(site, gateway, 24, 250_000, "cam-pair")
+        finally:
+            set_control(site, ShippingControl())
+        replicas = (shipper, second)
+        before = {s.url: {k: metric_value(s.url, "photoferry_shipper_class_sent_bytes_total", **{"class": k})
+                          for k in ("fresh", "backlog")} for s in replicas}
+        proxy.reset()
+        started = time.monotonic()
+        sent = []
+        for n in range(8):  # 1 MB/s of fresh photos: twice their half of the cap
+            sent += list(upload_many(gateway.url, 2, device="cam-pair-new", size=500_000))
+            time.sleep(max(0.0, started + n + 1 - time.monotonic()))  # the send schedule, not a wait for a condition
+        after = {s.url: {k: metric_value(s.url, "photoferry_shipper_class_sent_bytes_total", **{"class": k})
+                         for k in ("fresh", "backlog")} for s in replicas}
+        elapsed = time.monotonic() - started
+        fresh = sum(after[s.url]["fresh"] - before[s.url]["fresh"] for s in replicas) / elapsed
+        total = sum(after[s.url][k] - before[s.url][k] for s in replicas for k in ("fresh", "backlog")) / elapsed
+        assert peak_rate(proxy.buckets(), 1.0) <= 1.03 * CAP
+        assert total >= 0.85 * CAP
+        assert 0.35 * CAP <= fresh <= 0.6 * CAP, (fresh, total)
+        wait_until(lambda: len(arrived(site, backlog + sent)) == len(backlog) + len(sent), timeout=90,
+                   what="every photo in S3", interval=0.5)
+    finally:
+        stop_cleanly(second)
