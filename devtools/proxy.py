@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ from aiohttp import web
 from devtools.servers import REPO, free_port, wait_until
 
 BUCKET_S = 0.01
+# An HTTP/1.1 request line in the client's stream (bodies of random bytes never spell one).
+REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) /\S* HTTP/1\.1\r\n")
 
 
 class CountingProxy:
@@ -99,6 +102,10 @@ class CountingProxy:
     def total(self) -> int:
         return sum(self.buckets().values())
 
+    def requests(self) -> dict[str, int]:
+        """HTTP requests clients sent through the proxy, by method."""
+        return dict(self._call("GET", "requests"))
+
     def _call(self, method: str, path: str, body: object = None):  # type: ignore[no-untyped-def]
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"http://127.0.0.1:{self.control_port}/{path}", data=data,
@@ -114,6 +121,7 @@ class _Proxy:
         self.target = target
         self.port = port
         self.counts: Counter[int] = Counter()
+        self.requests: Counter[str] = Counter()
         self.bandwidth: float | None = None
         self.latency = 0.0
         self.flowing = asyncio.Event()  # cleared while the path is a black hole
@@ -157,9 +165,15 @@ class _Proxy:
         """
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         forward = asyncio.create_task(self._forward(queue, writer))
+        tail = b""  # the end of the last chunk: a request line may straddle two
         try:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await reader.read(65536):
+                    seen = tail + data
+                    for match in REQUEST_LINE.finditer(seen):
+                        if match.end() > len(tail):
+                            self.requests[match.group(1).decode()] += 1
+                    tail = seen[-256:]
                     if self.bandwidth:
                         # A slow link: one link shared by every connection, each chunk in turn.
                         now = time.monotonic()
@@ -203,7 +217,11 @@ def _control_app(proxy: _Proxy) -> web.Application:
 
     async def reset(request: web.Request) -> web.Response:
         proxy.counts.clear()
+        proxy.requests.clear()
         return web.json_response({})
+
+    async def requests(request: web.Request) -> web.Response:
+        return web.json_response(dict(proxy.requests))
 
     async def cut(request: web.Request) -> web.Response:
         await proxy.cut()
@@ -230,7 +248,8 @@ def _control_app(proxy: _Proxy) -> web.Application:
         return web.json_response({})
 
     app = web.Application()
-    app.add_routes([web.get("/counts", counts), web.post("/reset", reset), web.post("/cut", cut),
+    app.add_routes([web.get("/counts", counts), web.get("/requests", requests), web.post("/reset", reset),
+                    web.post("/cut", cut),
                     web.post("/restore", restore), web.post("/bandwidth", bandwidth),
                     web.post("/latency", latency), web.post("/blackhole", blackhole)])
     return app

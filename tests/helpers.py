@@ -17,6 +17,7 @@ import requests
 from botocore.client import BaseClient
 
 from devtools.servers import RabbitNode, S3Server
+from services.common import topology
 from services.common.broker import Broker
 from services.common.config import StoreSettings
 from services.common.localstore import LocalStore
@@ -84,8 +85,15 @@ class Site:
             keys.extend(item["Key"] for item in page.get("Contents", []))
         return keys
 
-    def drain(self, queue: str = "photoferry.ship") -> list[aio_pika.abc.AbstractIncomingMessage]:
-        return drain_queue(self.amqp_url, queue)
+    def drain(self, *queues: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Take every message now on ``queues`` (both shipping queues, fresh and backlog, by default)."""
+        return [message for queue in (queues or (topology.FRESH_QUEUE, topology.SHIP_QUEUE))
+                for message in drain_queue(self.amqp_url, queue)]
+
+    def shipping_messages(self, figure: str = "messages") -> int:
+        """Messages on both shipping queues (``messages``, ``messages_ready``, ``messages_unacknowledged``)."""
+        return sum(int(self.rabbit.management("GET", f"queues/{self.name}/{queue}").get(figure, 0))  # type: ignore[union-attr]
+                   for queue in (topology.FRESH_QUEUE, topology.SHIP_QUEUE))
 
 
 def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -122,13 +122,13 @@ def test_fresh_ingest_above_its_share_is_demoted_to_the_backlog_not_lost(
 ) -> None:
     set_control(site, ShippingControl(paused=True))
     try:
-        backlog = make_backlog(site, gateway, 40, 250_000, "cam-old")  # 10 MB: busy for the whole test
+        backlog = make_backlog(site, gateway, 60, 250_000, "cam-old")  # 15 MB: busy for the whole test
     finally:
-        set_control(site, ShippingControl(fresh_share_override=0.25))  # 250 KB/s for fresh photos
+        set_control(site, ShippingControl(fresh_share_override=0.1))  # 100 KB/s for fresh photos
     try:
         started = time.monotonic()
         sent: dict[str, float] = {}
-        for n in range(10):  # 500 KB a second: twice the fresh share
+        for n in range(10):  # 500 KB a second: five times the fresh share
             sent.update({i: time.monotonic() for i in upload_many(gateway.url, 1, device="cam-many", size=500_000)})
             time.sleep(max(0.0, started + n + 1 - time.monotonic()))  # the send schedule, not a wait for a condition
         wait_until(lambda: len(arrived(site, backlog + list(sent))) == len(backlog) + len(sent), timeout=90,

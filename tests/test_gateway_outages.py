@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port, wait_until
-from services.common import photos
+from services.common import photos, topology
 from services.common.s3 import ensure_bucket, s3_client
 from tests.conftest import start_service, stop_cleanly
 from tests.helpers import Site, assert_problem, drain_queue, jpeg, photo, upload
@@ -53,7 +53,8 @@ def gateway(site: Site, own_rabbit: RabbitNode, own_store: S3Server,
 
 def test_broker_down_gives_503_then_recovers(gateway: ServiceProcess, own_rabbit: RabbitNode) -> None:
     assert upload(gateway.url, photo("cam-outage")).status_code == 201
-    drain_queue(own_rabbit.url, "photoferry.ship")
+    for queue in (topology.FRESH_QUEUE, topology.SHIP_QUEUE):
+        drain_queue(own_rabbit.url, queue)
 
     own_rabbit.kill()
     statuses = []
@@ -84,7 +85,8 @@ def test_broker_down_gives_503_then_recovers(gateway: ServiceProcess, own_rabbit
 
     wait_until(accepted_again, timeout=60, what="uploads accepted after the broker is back", interval=0.5)
     # The broker's durable queue holds what was confirmed: the photo accepted last.
-    queued = [photos.PhotoMessage.from_json(m.body).id for m in drain_queue(own_rabbit.url, "photoferry.ship")]
+    queued = [photos.PhotoMessage.from_json(m.body).id
+              for queue in (topology.FRESH_QUEUE, topology.SHIP_QUEUE) for m in drain_queue(own_rabbit.url, queue)]
     assert accepted[-1] in queued
 
 

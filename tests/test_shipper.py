@@ -279,11 +279,9 @@ def _marked(site: Site, photo_id: str) -> bool:
 
 
 def _ready_messages(site: Site) -> int:
-    queue = site.rabbit.management("GET", f"queues/{site.name}/{topology.SHIP_QUEUE}")
-    return int(queue.get("messages_ready", 0))  # type: ignore[union-attr]
+    return site.shipping_messages("messages_ready")
 
 
 def _queue_empty(site: Site) -> bool:
-    queue = site.rabbit.management("GET", f"queues/{site.name}/{topology.SHIP_QUEUE}")
-    return int(queue.get("messages", 0)) == 0  # type: ignore[union-attr]
+    return site.shipping_messages() == 0
 

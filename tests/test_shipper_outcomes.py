@@ -36,7 +36,7 @@ class BuggyTransfer:
         self.abort = real.abort  # type: ignore[attr-defined]
         self.calls = 0
 
-    def ship(self, job: photos.PhotoMessage) -> Shipment:
+    def ship(self, job: photos.PhotoMessage, *args: object, **kwargs: object) -> Shipment:
         self.calls += 1
         raise KeyError(f"a bug while shipping {job.id}")
 
@@ -86,7 +86,7 @@ def test_an_unforeseen_exception_is_parked_after_its_attempts_not_left_unacknowl
 
     assert asyncio.run(scenario()) == 1
     # Settled: nothing on the shipping queue, ready or unacknowledged; the photo waits on the parking queue.
-    wait_until(lambda: _queue(site, topology.SHIP_QUEUE).get("messages") == 0, timeout=10,
+    wait_until(lambda: site.shipping_messages() == 0, timeout=10,
                what="the shipping queue settled")
     wait_until(lambda: _queue(site, topology.PARKED_QUEUE).get("messages") == 1, timeout=10,
                what="the photo on the parking queue")

@@ -76,7 +76,7 @@ def test_one_photo_is_one_connected_trace(services: dict[str, ServiceProcess], s
     assert stored.parent_id == root.span_id
     assert stored.attributes["aws.s3.bucket"] == site.store_bucket and stored.attributes["aws.s3.key"] == key
     # aio-pika's instrumentation names it "<exchange>,<routing key> send".
-    published = one(gateway, name=f"{topology.PHOTOS_EXCHANGE},{topology.SHIP_ROUTING_KEY} send", kind="PRODUCER")
+    published = one(gateway, name=f"{topology.PHOTOS_EXCHANGE},{topology.FRESH_ROUTING_KEY} send", kind="PRODUCER")
     assert published.parent_id == root.span_id and published.attributes["messaging.system"] == "rabbitmq"
 
     consumed = one(shipper, name=f"{topology.PHOTOS_EXCHANGE} receive", kind="CONSUMER")

@@ -164,20 +164,23 @@ class LocalStore:
             return None
         except _FAILURES as exc:
             raise self._unavailable("read", key, exc) from None
-        attributes = {str(k).lower(): str(v) for k, v in result.attributes.items()}
-        content_type = attributes.pop("content-type", "application/octet-stream")
-        for standard in ("content-disposition", "content-encoding", "content-language",
-                         "cache-control", "storage-class"):
-            attributes.pop(standard, None)
-        return StoredObject(
-            key=key,
-            size=result.meta["size"],
-            last_modified=result.meta["last_modified"],
-            content_type=content_type,
-            # Header names are case-insensitive and stores spell them differently
-            # (MinIO canonicalises them): metadata keys are always lower case here.
-            metadata=attributes,
-        )
+        return _described(key, result)
+
+    def read_with_metadata(self, key: str) -> tuple[bytes, StoredObject] | None:
+        """Read a whole object and what is known of it, or None when it does not exist.
+
+        Blocking (obstore's own runtime does the I/O): for worker threads, such as
+        the shipper's uploads.
+        """
+        try:
+            with self._span("GetObject", key):
+                result = obstore.get(self._store, key)
+                data = bytes(result.bytes())
+        except FileNotFoundError:
+            return None
+        except _FAILURES as exc:
+            raise self._unavailable("read", key, exc) from None
+        return data, _described(key, result)
 
     async def exists(self, key: str) -> bool:
         try:
@@ -233,3 +236,22 @@ class LocalStore:
             await obstore.list_with_delimiter_async(self._store, prefix="ping/")
         except _FAILURES as exc:
             raise self._unavailable("list", "the bucket", exc) from None
+
+
+def _described(key: str, result: Any) -> StoredObject:
+    """What a GET or HEAD answer says of an object."""
+    attributes = {str(k).lower(): str(v) for k, v in result.attributes.items()}
+    content_type = attributes.pop("content-type", "application/octet-stream")
+    for standard in ("content-disposition", "content-encoding", "content-language", "cache-control",
+                     "storage-class"):
+        attributes.pop(standard, None)
+    return StoredObject(
+        key=key,
+        size=result.meta["size"],
+        last_modified=result.meta["last_modified"],
+        content_type=content_type,
+        # Header names are case-insensitive and stores spell them differently
+        # (MinIO canonicalises them): metadata keys are always lower case here.
+        metadata=attributes,
+    )
+

@@ -23,23 +23,19 @@ SHIPPER = web.AppKey("shipper", Shipper)
 
 
 def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
-    store = config.store
-    local = s3_client(store.endpoint, access_key=store.access_key, secret_key=store.secret_key,
-                      region=store.region, max_pool_connections=config.max_concurrency + 2,
-                      connect_timeout=min(2.0, store.timeout), read_timeout=store.timeout)
+    local = LocalStore(config.store)
     # No botocore retries: a failed shipment goes back through the broker instead,
     # and a streamed body cannot be sent twice.
-    remote = s3_client(config.remote.endpoint, max_pool_connections=config.max_concurrency + 2,
+    remote = s3_client(config.remote.endpoint, max_pool_connections=2 * config.max_concurrency + 2,
                        connect_timeout=5.0, read_timeout=config.remote.timeout, max_attempts=1,
                        sign_payload=False)
     limiter = RateLimiter(config.schedule.default)
-    transfer = Transfer(local=local, local_bucket=store.bucket, remote=remote,
+    transfer = Transfer(local=local, remote=remote,
                         remote_bucket=config.remote.bucket, prefix=config.remote.prefix, limiter=limiter,
                         multipart_threshold=config.multipart_threshold, part_size=config.part_size)
     replica = f"{socket.gethostname()}-{os.getpid()}"
     broker = Broker(config.amqp_url, name=f"photoferry-shipper@{replica}")
-    shipper = Shipper(config, broker=broker, store=LocalStore(store), transfer=transfer, metrics=metrics,
-                      replica=replica)
+    shipper = Shipper(config, broker=broker, store=local, transfer=transfer, metrics=metrics, replica=replica)
     broker.on_ready = shipper.on_broker_ready
     return shipper
 

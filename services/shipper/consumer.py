@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -85,6 +86,7 @@ class Lane:
     prefetch: int = 0  # of the running consumer
     in_flight: int = 0
     waiting: int = 0  # ready on its queue, at the last count
+    competing: bool = False  # the other lane has work too: this one keeps to its share
     egress: float = 0.0
     last_granted: int = 0
     starved_since: float | None = None
@@ -115,14 +117,12 @@ class Shipper:
         self.pacing = CapShare(replica)
         self.breaker = Breaker(probe=self._probe, on_change=self._wake)
         rate = self.limiter.rate
-        # Fresh photos go one at a time at first (each sooner, rather than all slower); the
-        # backlog starts with a few, to fill the link with small photos. Both adapt.
+        # A few uploads at once to start with, to fill the link with small photos; each lane adapts.
+        initial = min(4, config.max_concurrency)
         self.lanes = {
             name: Lane(name, queue, RateLimiter(rate),
-                       ConcurrencyController(initial=min(initial, config.max_concurrency),
-                                             maximum=config.max_concurrency),
-                       Slots(min(initial, config.max_concurrency)))
-            for name, queue, initial in ((FRESH, topology.FRESH_QUEUE, 1), (BACKLOG, topology.SHIP_QUEUE, 4))
+                       ConcurrencyController(initial=initial, maximum=config.max_concurrency), Slots(initial))
+            for name, queue in ((FRESH, topology.FRESH_QUEUE), (BACKLOG, topology.SHIP_QUEUE))
         }
         self.control = ShippingControl()
         self.fresh_share = config.schedule.fresh_share
@@ -288,6 +288,7 @@ class Shipper:
             self.limiter.set_rate(share)
         fresh, backlog = self.lanes[FRESH], self.lanes[BACKLOG]
         rates = pacing.split(share, self.fresh_share, fresh_busy=fresh.busy, backlog_busy=backlog.busy)
+        fresh.competing = backlog.competing = fresh.busy and backlog.busy
         for lane, rate in ((fresh, rates.fresh), (backlog, rates.backlog)):
             if rate is None:
                 lane.may_send.clear()  # uploads under way finish; no new one starts
@@ -452,7 +453,8 @@ class Shipper:
                 raise Aborted("the shipper is stopping")
             job = _parse(message)
             async with self._photo_locks.hold(job.id):
-                shipment = await self._ship_job(job, Pace(lane.limiter, self.limiter))
+                pace = Pace(self.limiter, lane.limiter, lambda: lane.competing)
+                shipment = await self._ship_job(job, pace, maybe_there=_maybe_there(message, attempt))
         except Exception as exc:
             outcome = exc
             if not isinstance(exc, TransferError | policy.Malformed | policy.DeliveredTooOften | StoreUnavailable):
@@ -463,11 +465,12 @@ class Shipper:
         if outcome is None and job is not None:
             self._count_shipped(lane, job, shipment, attempt, time.monotonic() - started)
 
-    async def _ship_job(self, job: photos.PhotoMessage, pace: Pace) -> Shipment | None:
+    async def _ship_job(self, job: photos.PhotoMessage, pace: Pace, *, maybe_there: bool) -> Shipment | None:
         """Copy the photo and mark it shipped; None when its marker says it was shipped before."""
         if await self.store.exists(photos.shipped_marker_key(job.id)):
             return None
-        shipment = await self._threads.run(self.transfer.ship, job, pace)
+        shipment = await self._threads.run(functools.partial(self.transfer.ship, job, pace,
+                                                             maybe_there=maybe_there))
         await self._mark_shipped(job, shipment)
         return shipment
 
@@ -569,6 +572,12 @@ class Shipper:
             await bounded(message.nack(requeue=True), "returning a message", timeout=ACK_TIMEOUT_S)
         except BrokerUnavailable as exc:
             log.warning("could not return a message; the broker will", extra={"error": str(exc)})
+
+
+def _maybe_there(message: AbstractIncomingMessage, attempt: int) -> bool:
+    """Whether the photo may be in S3 already: anything but a first upload's first delivery."""
+    origin = (message.headers or {}).get(messages.ORIGIN_HEADER)
+    return bool(message.redelivered) or attempt > 0 or origin != messages.UPLOAD
 
 
 def _parse(message: AbstractIncomingMessage) -> photos.PhotoMessage:

@@ -68,20 +68,26 @@ class RateLimiter:
 
 
 class Pace:
-    """The limiters one upload's bytes pass in turn: its class's share, then the replica's cap.
+    """What one upload's bytes pass: its class's limiter while the classes compete, then the replica's.
 
     The replica's limiter holds the cap whatever the classes do; a class's limiter
-    holds it to its share while the other class also has work (the pace loop sets it
-    to the whole share otherwise).
+    holds it to its share, and only while the other class also has work
+    (``competing`` says so, as the pace loop last decided).
     """
 
-    def __init__(self, *limiters: RateLimiter) -> None:
-        self.limiters = limiters
+    def __init__(self, replica: RateLimiter, share: RateLimiter | None = None,
+                 competing: Callable[[], bool] = lambda: False) -> None:
+        self._replica = replica
+        self._share = share
+        self._competing = competing
 
     def piece(self) -> int:
-        return min(limiter.piece() for limiter in self.limiters)
+        if self._share is not None and self._competing():
+            return min(self._share.piece(), self._replica.piece())
+        return self._replica.piece()
 
     def acquire(self, nbytes: int) -> None:
-        for limiter in self.limiters:
-            limiter.acquire(nbytes)
+        if self._share is not None and self._competing():
+            self._share.acquire(nbytes)
+        self._replica.acquire(nbytes)
 

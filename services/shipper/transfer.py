@@ -1,12 +1,16 @@
 """Copy one photo from the local store to S3: paced, verified, once.
 
-Runs in a worker thread (boto3 is synchronous). The local object is streamed
-straight into the upload through a reader that takes its bytes from the rate
-limiter and hashes them; the reader checks size and SHA-256 before it lets the
-last bytes go, so a local copy that does not match its message never completes
-an upload. S3 checks the same SHA-256 (``ChecksumSHA256``) on a single-part PUT;
-above the multipart threshold each part carries its own checksum, and the
-whole-object digest is checked before the upload is completed.
+Runs in a worker thread (boto3 is synchronous). The local object is read whole
+through the local store client and checked against its message (size, SHA-256)
+before a byte leaves, so a local copy that does not match what the device sent
+is never uploaded; then a reader lets its bytes out at the pace of the rate
+limiters as the HTTP client sends them. S3 checks the same SHA-256
+(``ChecksumSHA256``) on a single-part PUT; above the multipart threshold each
+part carries its own checksum, and S3's composite is compared after completing.
+
+One request to the remote in the common case: a PUT with ``If-None-Match: *``,
+which S3 refuses (412) when the key exists; only then is what is there compared
+by its SHA-256 (a HEAD). Memory per upload is the photo (16 MiB at most).
 
 Failures are sorted for the caller: ``Systemic`` (the remote takes nothing now:
 credentials, bucket, reachability), ``Transient`` (this attempt failed; another
@@ -21,7 +25,7 @@ import io
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from botocore.client import BaseClient
 from botocore.exceptions import (
@@ -36,6 +40,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.photos import PhotoMessage
 from services.shipper.limiter import Pace, RateLimiter
 
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # Bytes of headers an S3 request sends besides its body, charged to the cap too.
 REQUEST_OVERHEAD_BYTES = 800
+# What a single PUT came to.
+UPLOADED, EXISTS, UNSUPPORTED = "uploaded", "exists", "unsupported"
 
 _SYSTEMIC_CODES = {
     "AccessDenied", "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed",
@@ -120,48 +127,30 @@ def b64(digest: bytes) -> str:
 
 
 class PacedReader(io.RawIOBase):
-    """A body for boto3: bytes from ``source``, paced by ``limiter``, checked before the last ones leave."""
+    """A body for boto3: bytes already read and checked, let out at the pace of ``pace`` as they are sent."""
 
-    def __init__(self, source: BinaryIO, size: int, limiter: Pace, *, expected_sha256: str | None,
-                 abort: threading.Event) -> None:
+    def __init__(self, data: memoryview, pace: Pace, *, abort: threading.Event) -> None:
         super().__init__()
+        self._data = data
+        self._pace = pace
         self._abort = abort
-        self._source = source
-        self._size = size
-        self._limiter = limiter
-        self._expected = expected_sha256
-        self._digest = hashlib.sha256()
-        self._read = 0
-        self.failure: TransferError | None = None  # why reading stopped, for the caller
+        self._sent = 0
+        self.failure: TransferError | None = None  # why reading stopped, for the caller (boto3 may wrap it)
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:
-        if self._read >= self._size:
+        if self._sent >= len(self._data):
             return b""
         if self._abort.is_set():
             self.failure = Aborted("the shipper is stopping")
             raise self.failure
-        want = self._limiter.piece() if n is None or n < 0 else min(n, self._limiter.piece())
-        want = min(want, self._size - self._read)
-        try:
-            chunk = self._source.read(want)
-        except Exception as exc:  # the local stream broke mid-way
-            self.failure = LocalUnavailable(f"reading the local object failed: {exc!r}")
-            raise self.failure from exc
-        if not chunk:
-            self.failure = LocalCorrupt(f"local object ended after {self._read} of {self._size} bytes")
-            raise self.failure
-        self._digest.update(chunk)
-        self._read += len(chunk)
-        if self._read == self._size and self._expected is not None:
-            actual = self._digest.hexdigest()
-            if actual != self._expected:
-                self.failure = LocalCorrupt(f"local object's SHA-256 is {actual}, its message says {self._expected}")
-                raise self.failure
-        self._limiter.acquire(len(chunk))
-        return chunk
+        want = self._pace.piece() if n is None or n < 0 else min(n, self._pace.piece())
+        chunk = self._data[self._sent:self._sent + want]
+        self._sent += len(chunk)
+        self._pace.acquire(len(chunk))
+        return bytes(chunk)
 
     def readinto(self, buffer: Any) -> int:
         chunk = self.read(len(buffer))
@@ -180,8 +169,7 @@ class Transfer:
     def __init__(
         self,
         *,
-        local: BaseClient,
-        local_bucket: str,
+        local: LocalStore,
         remote: BaseClient,
         remote_bucket: str,
         prefix: str,
@@ -190,13 +178,15 @@ class Transfer:
         part_size: int,
     ) -> None:
         self._local = local
-        self._local_bucket = local_bucket
         self._remote = remote
         self.remote_bucket = remote_bucket
         self._prefix = prefix
         self.limiter = limiter
         self._threshold = multipart_threshold
         self._part_size = part_size
+        # A conditional PUT (If-None-Match: *) uploads a photo in one request and cannot
+        # overwrite one; a remote that does not implement it gets HEAD, then PUT.
+        self._conditional = True
         # Set when the shipper stops: uploads still running give up at their next read.
         self.abort = threading.Event()
 
@@ -211,22 +201,52 @@ class Transfer:
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc) from None
 
-    def ship(self, job: PhotoMessage, pace: Pace | None = None) -> Shipment:
+    def ship(self, job: PhotoMessage, pace: Pace | None = None, *, maybe_there: bool = True) -> Shipment:
         """Copy the photo of ``job`` to S3 unless it is there already with the same SHA-256;
-        its bytes pass ``pace`` (the replica's limiter alone when not given)."""
+        its bytes pass ``pace`` (the replica's limiter alone when not given).
+
+        The local copy is read whole and checked (size, SHA-256) before a byte leaves. A
+        photo on its first delivery (``maybe_there=False``) takes one request to the remote:
+        a PUT that S3 refuses (412) when the key exists, before the body when the remote
+        honours ``Expect: 100-continue``; only then is what is there compared by its SHA-256.
+        A retry, a redelivery or another copy of a message asks first (HEAD), so a photo
+        that may be there already is not sent again.
+        """
         pace = pace or Pace(self.limiter)
         key = self.remote_key(job.key)
+        data, metadata = self._read_local(job)
+        if job.size > self._threshold:
+            if self._remote_sha256(key, pace) == job.sha256:
+                return Shipment(key, uploaded=False, body_bytes=0)
+            self._multipart(job, key, data, metadata, pace)
+            return Shipment(key, uploaded=True, body_bytes=job.size)
+        if self._conditional and not maybe_there:
+            outcome = self._single(job, key, data, metadata, pace, if_absent=True)
+            if outcome == UPLOADED:
+                return Shipment(key, uploaded=True, body_bytes=job.size)
         if self._remote_sha256(key, pace) == job.sha256:
             return Shipment(key, uploaded=False, body_bytes=0)
-        body, metadata = self._open_local(job)
-        try:
-            if job.size > self._threshold:
-                self._multipart(job, key, body, metadata, pace)
-            else:
-                self._single(job, key, body, metadata, pace)
-        finally:
-            body.close()
+        # Nothing there, or something else (never this photo's bytes): put it in place.
+        self._single(job, key, data, metadata, pace, if_absent=False)
         return Shipment(key, uploaded=True, body_bytes=job.size)
+
+    def _read_local(self, job: PhotoMessage) -> tuple[memoryview, dict[str, str]]:
+        """The local copy, checked against the message: size and SHA-256."""
+        try:
+            found = self._local.read_with_metadata(job.key)
+        except StoreUnavailable as exc:
+            raise LocalUnavailable(str(exc)) from None
+        if found is None:
+            raise LocalMissing(f"no local object {job.key}")
+        data, stored = found
+        if len(data) != job.size:
+            raise LocalCorrupt(f"local object has {len(data)} bytes, its message says {job.size}")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != job.sha256:
+            raise LocalCorrupt(f"local object's SHA-256 is {actual}, its message says {job.sha256}")
+        metadata = {k: v for k, v in stored.metadata.items() if k != "sha256"}
+        metadata["sha256"] = job.sha256
+        return memoryview(data), metadata
 
     def _remote_sha256(self, key: str, pace: Pace) -> str | None:
         """The SHA-256 (hex) of what S3 holds at ``key``, or None when nothing is there."""
@@ -247,24 +267,12 @@ class Transfer:
             return base64.b64decode(checksum).hex()
         return ""  # something is there, of unknown content: upload again
 
-    def _open_local(self, job: PhotoMessage) -> tuple[Any, dict[str, str]]:
-        try:
-            response = self._local.get_object(Bucket=self._local_bucket, Key=job.key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise LocalMissing(f"no local object {job.key}") from None
-            raise LocalUnavailable(f"local store refused {job.key}: {exc}") from None
-        except BotoCoreError as exc:
-            raise LocalUnavailable(f"local store unreachable: {exc}") from None
-        if response["ContentLength"] != job.size:
-            response["Body"].close()
-            raise LocalCorrupt(f"local object has {response['ContentLength']} bytes, its message says {job.size}")
-        metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
-        metadata["sha256"] = job.sha256
-        return response["Body"], metadata
-
-    def _single(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str], pace: Pace) -> None:
-        reader = PacedReader(body, job.size, pace, expected_sha256=job.sha256, abort=self.abort)
+    def _single(self, job: PhotoMessage, key: str, data: memoryview, metadata: dict[str, str], pace: Pace, *,
+                if_absent: bool) -> str:
+        """One PUT: UPLOADED, or with ``if_absent`` EXISTS (S3 holds something at ``key``) or
+        UNSUPPORTED (the remote does not take conditional PUTs; it is not asked again)."""
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        reader = PacedReader(data, pace, abort=self.abort)
         pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             response = self._remote.put_object(
@@ -275,16 +283,30 @@ class Transfer:
                 ContentType=job.content_type,
                 Metadata=metadata,
                 ChecksumSHA256=b64(bytes.fromhex(job.sha256)),
+                **condition,
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
-            if reader.failure is not None:  # the local side broke; boto3 wraps it
-                raise reader.failure from None
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if if_absent and (status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")):
+                return EXISTS
+            if if_absent and (status == 501 or code == "NotImplemented"):
+                log.warning("the remote does not take conditional PUTs; checking with HEAD before each upload",
+                            extra={"error": code or status})
+                self._conditional = False
+                return UNSUPPORTED
             raise classify(exc) from None
+        except (BotoCoreError, OSError, TransferError) as exc:
+            if reader.failure is not None:  # the shipper is stopping; boto3 may have wrapped it
+                raise reader.failure from None
+            raise exc if isinstance(exc, TransferError) else classify(exc) from None
         reported = response.get("ChecksumSHA256")
         if reported and reported != b64(bytes.fromhex(job.sha256)):
             raise Transient(f"S3 reports checksum {reported} for {key}, which is not the photo's")
+        return UPLOADED
 
-    def _multipart(self, job: PhotoMessage, key: str, body: Any, metadata: dict[str, str], pace: Pace) -> None:
+    def _multipart(self, job: PhotoMessage, key: str, data: memoryview, metadata: dict[str, str],
+                   pace: Pace) -> None:
         self._abort_leftovers(key)
         pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
@@ -295,43 +317,36 @@ class Transfer:
         except (ClientError, BotoCoreError) as exc:
             raise classify(exc) from None
         try:
-            parts, part_digests = self._upload_parts(job, key, body, upload_id, pace)
+            parts, part_digests = self._upload_parts(key, data, upload_id, pace)
             pace.acquire(REQUEST_OVERHEAD_BYTES)
             result = self._remote.complete_multipart_upload(
                 Bucket=self.remote_bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
             )
-        except (ClientError, BotoCoreError, OSError) as exc:
-            self._abort(key, upload_id)
-            raise classify(exc) from None
         except TransferError:
             self._abort(key, upload_id)
             raise
+        except (ClientError, BotoCoreError, OSError) as exc:
+            self._abort(key, upload_id)
+            raise classify(exc) from None
         composite = f"{b64(hashlib.sha256(b''.join(part_digests)).digest())}-{len(parts)}"
         reported = result.get("ChecksumSHA256")
         if reported and reported != composite:
             raise Transient(f"S3 reports checksum {reported} for {key}; the parts sent make {composite}")
 
     def _upload_parts(
-        self, job: PhotoMessage, key: str, body: Any, upload_id: str, pace: Pace
+        self, key: str, data: memoryview, upload_id: str, pace: Pace
     ) -> tuple[list[dict[str, Any]], list[bytes]]:
-        whole = hashlib.sha256()
         parts: list[dict[str, Any]] = []
         digests: list[bytes] = []
-        sent = 0
-        while sent < job.size:
-            data = _read_exactly(body, min(self._part_size, job.size - sent))
-            whole.update(data)
-            sent += len(data)
-            if sent == job.size and whole.hexdigest() != job.sha256:
-                # Checked before the last part leaves: the upload is never completed.
-                raise LocalCorrupt(f"local object's SHA-256 is {whole.hexdigest()}, its message says {job.sha256}")
-            digest = hashlib.sha256(data).digest()
-            reader = PacedReader(io.BytesIO(data), len(data), pace, expected_sha256=None, abort=self.abort)
+        for start in range(0, len(data), self._part_size):
+            part = data[start:start + self._part_size]
+            digest = hashlib.sha256(part).digest()
+            reader = PacedReader(part, pace, abort=self.abort)
             pace.acquire(REQUEST_OVERHEAD_BYTES)
             try:
                 response = self._remote.upload_part(
                     Bucket=self.remote_bucket, Key=key, UploadId=upload_id, PartNumber=len(parts) + 1,
-                    Body=reader, ContentLength=len(data), ChecksumSHA256=b64(digest),
+                    Body=reader, ContentLength=len(part), ChecksumSHA256=b64(digest),
                 )
             except (ClientError, BotoCoreError, OSError):
                 if reader.failure is not None:
@@ -359,18 +374,3 @@ class Transfer:
         except (ClientError, BotoCoreError) as exc:
             # The remote bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it later.
             log.warning("could not abort a multipart upload", extra={"key": key, "error": str(exc)})
-
-
-def _read_exactly(body: Any, size: int) -> bytes:
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        try:
-            chunk = body.read(min(remaining, 1 << 20))
-        except Exception as exc:
-            raise LocalUnavailable(f"reading the local object failed: {exc!r}") from exc
-        if not chunk:
-            raise LocalCorrupt(f"local object ended {remaining} bytes early")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
