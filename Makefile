@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -51,7 +51,13 @@ bench-shipper: $(INSTALLED)
 bench-keeper: $(INSTALLED)
 	$(BIN)/python -m bench.keeper_sweep
 
-bench: bench-gateway bench-shipper bench-keeper
+## bench-site: the site's load, lag under the cap, a burst, the gateway's headroom, fresh photos first (40 min)
+BENCH_SITE_ARGS ?= --minutes 10
+bench-site: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m bench.site $(BENCH_SITE_ARGS)
+
+bench: bench-gateway bench-shipper bench-keeper bench-site
 
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)

@@ -22,32 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devtools.proxy import CountingProxy
-from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port, wait_until
+from devtools.servers import wait_until
+from devtools.site import DEVICE_SECRET, PREFIX, REMOTE_BUCKET, PrivateSite
 from services.common import photos, topology
-from services.common.s3 import ensure_bucket, s3_client
 from services.devices.fleet import Fleet, FleetPlan
 from services.devices.verify import check_arrivals, expected_of
 
-DEVICE_SECRET = "chaos-device-secret"
-ADMIN_TOKEN = "chaos-admin-token"
-STORE_BUCKET = "chaos-store"
-REMOTE_BUCKET = "chaos-remote"
-PREFIX = "chaos/"
-SERVICES = ("gateway", "store", "shipper")
 FAULTS = ("kill-gateway", "kill-store", "kill-shipper", "kill-broker", "remote-stopped",
           "broker-latency", "broker-cut", "broker-half-open",
           "s3-latency", "s3-cut", "s3-half-open", "s3-slow")
@@ -92,137 +82,7 @@ class Ledger:
         return sum(self.queued_after.values())
 
 
-class ChaosSite:
-    """A private site: broker, stores, proxies and services, each of which can be made to fail."""
-
-    def __init__(self, workdir: Path, *, cap: str = "4MB") -> None:
-        self.workdir = workdir
-        self.rabbit = RabbitNode(workdir / "rabbitmq")
-        self.local = S3Server(workdir / "local-s3")
-        self.remote = S3Server(workdir / "remote-s3")
-        self.cap = cap
-        self.broker_link: CountingProxy | None = None
-        self.s3_link: CountingProxy | None = None
-        self.services: dict[str, ServiceProcess] = {}
-
-    def start(self) -> None:
-        self.rabbit.start()
-        self.local.start()
-        self.remote.start()
-        self.broker_link = CountingProxy("127.0.0.1", self.rabbit.amqp_port).start()
-        self.s3_link = CountingProxy("127.0.0.1", self.remote.port).start()
-        ensure_bucket(self._client(self.local), STORE_BUCKET)
-        ensure_bucket(self.remote_client(), REMOTE_BUCKET)
-        env = self.env()
-        for name in SERVICES:
-            port = free_port()
-            service = ServiceProcess(name, {**env, f"PHOTOFERRY_{name.upper()}_PORT": str(port)}, port=port,
-                                     logfile=self.workdir / "logs" / f"{name}.log")
-            service.start(timeout=60)
-            self.services[name] = service
-
-    def env(self) -> dict[str, str]:
-        assert self.broker_link is not None and self.s3_link is not None
-        return {
-            **os.environ,
-            "PHOTOFERRY_AMQP_URL": f"amqp://{self.rabbit.user}:{self.rabbit.password}@127.0.0.1:{self.broker_link.port}/",
-            "PHOTOFERRY_STORE_ENDPOINT": self.local.endpoint,
-            "PHOTOFERRY_STORE_ACCESS_KEY": self.local.access_key,
-            "PHOTOFERRY_STORE_SECRET_KEY": self.local.secret_key,
-            "PHOTOFERRY_STORE_BUCKET": STORE_BUCKET,
-            "PHOTOFERRY_S3_ENDPOINT": self.s3_link.endpoint,
-            "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
-            "PHOTOFERRY_S3_PREFIX": PREFIX,
-            "AWS_ACCESS_KEY_ID": self.remote.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.remote.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "PHOTOFERRY_DEVICE_SECRET": DEVICE_SECRET,
-            "PHOTOFERRY_ADMIN_TOKEN": ADMIN_TOKEN,
-            "PHOTOFERRY_SHIP_RATE": self.cap,
-            "PHOTOFERRY_RECONCILE_EVERY": "5s",
-            "PHOTOFERRY_SHUTDOWN_TIMEOUT": "5s",
-            "PHOTOFERRY_PUBLISH_TIMEOUT": "3s",
-            "PHOTOFERRY_STORE_TIMEOUT": "3s",
-            "PHOTOFERRY_S3_TIMEOUT": "5s",
-            "PHOTOFERRY_RETRY_AFTER": "1",
-            "PHOTOFERRY_LOG_FORMAT": "json",
-            "OTEL_SDK_DISABLED": "true",
-        }
-
-    def remote_client(self):  # type: ignore[no-untyped-def]
-        return self._client(self.remote)
-
-    @staticmethod
-    def _client(server: S3Server):  # type: ignore[no-untyped-def]
-        return s3_client(server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
-                         region="us-east-1")
-
-    def inject(self, fault: str) -> Callable[[], None]:
-        """Start ``fault``; return what heals it."""
-        assert self.broker_link is not None and self.s3_link is not None
-        if fault.startswith("kill-"):
-            target = fault.removeprefix("kill-")
-            if target == "broker":
-                self.rabbit.kill()
-                return self.rabbit.start
-            service = self.services[target]
-            service.kill()
-            return lambda: service.start(wait="alive", timeout=60)
-        if fault == "remote-stopped":
-            assert self.remote.process is not None
-            self.remote.process.send_signal(signal.SIGSTOP)
-            return lambda: self.remote.process.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-        link = self.broker_link if fault.startswith("broker-") else self.s3_link
-        kind = fault.split("-", 1)[1]
-        if kind == "latency":
-            link.set_latency(0.3)
-            return lambda: link.set_latency(0)
-        if kind == "cut":
-            link.cut()
-            return link.restore
-        if kind == "half-open":
-            link.set_blackhole(True)
-            return lambda: link.set_blackhole(False)
-        if kind == "slow":
-            link.set_bandwidth(200_000)
-            return lambda: link.set_bandwidth(None)
-        raise ValueError(f"unknown fault {fault!r}")
-
-    def queued(self) -> dict[str, int]:
-        """Messages still held for shipping: ready or unacknowledged, on every queue that holds photos."""
-        queues = {name: self.rabbit.management("GET", f"queues/%2F/{name}") for name in topology.PHOTO_QUEUES}
-        return {name: int(queue.get("messages", 0)) for name, queue in queues.items()}  # type: ignore[union-attr]
-
-    def parked_markers(self) -> int:
-        listing = self._client(self.local).list_objects_v2(Bucket=STORE_BUCKET, Prefix=photos.PARKED_PREFIX)
-        return int(listing.get("KeyCount", 0))
-
-    def uploads_per_photo(self) -> Counter[str]:
-        """How often the shipper logs said a photo was uploaded (across restarts)."""
-        counts: Counter[str] = Counter()
-        logfile = self.workdir / "logs" / "shipper.log"
-        for line in logfile.read_text(errors="replace").splitlines() if logfile.exists() else []:
-            if '"photo shipped"' in line:
-                try:
-                    counts[json.loads(line)["photo_id"]] += 1
-                except (ValueError, KeyError):
-                    continue
-        return counts
-
-    def stop(self) -> None:
-        if self.remote.process is not None and self.remote.process.poll() is None:
-            self.remote.process.send_signal(signal.SIGCONT)
-        for service in self.services.values():
-            service.stop(timeout=20)
-        for thing in (self.broker_link, self.s3_link):
-            if thing is not None:
-                thing.stop()
-        self.rabbit.stop()
-        self.local.stop()
-        self.remote.stop()
-
-
-def run_round(site: ChaosSite, number: int, seed: int, plan: RoundPlan,
+def run_round(site: PrivateSite, number: int, seed: int, plan: RoundPlan,
               say: Callable[[str], None] = print) -> Ledger:
     """One round of load and faults, then the ledger."""
     rng = random.Random(seed)
@@ -304,7 +164,7 @@ def main() -> None:
                      faults=args.faults)
     ledgers = []
     with tempfile.TemporaryDirectory(prefix="photoferry-chaos-") as workdir:
-        site = ChaosSite(Path(workdir))
+        site = PrivateSite(Path(workdir))
         try:
             site.start()
             rounds = random.Random(seed)

@@ -2,9 +2,10 @@
 
 Reuses the RabbitMQ at ``PHOTOFERRY_AMQP_URL`` when it answers, else starts a
 private node; starts two S3-protocol servers (the site's local store and a
-stand-in for the remote S3); creates the buckets; starts the services; prints a
-device token and a command that uploads a sample photo. Ctrl-C stops everything
-it started, and nothing else.
+stand-in for the remote S3); creates the buckets; starts the services; writes
+``.stack/env`` (what the ``photoferry`` command and curl need to reach it) and
+prints where everything is and what to try. Ctrl-C stops everything it started,
+and nothing else.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from devtools.servers import (
     port_is_free,
 )
 from services.common.s3 import ensure_bucket, s3_client
-from services.common.tokens import device_token
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SERVICES = ("gateway", "store", "shipper")
 DEV_DEVICE = "cam-dev-01"
+LOCAL_BUCKET = "photoferry"
+REMOTE_BUCKET = "photoferry-remote"
+REMOTE_PREFIX = "site-dev/"
 
 
 def _broker_accepts(url: str) -> bool:
@@ -133,9 +136,9 @@ def main() -> None:
         local = stack.s3_server("local-store", 9000)
         remote = stack.s3_server("remote-s3", 9100)
         ensure_bucket(s3_client(local.endpoint, access_key=local.access_key,
-                                secret_key=local.secret_key, region="us-east-1"), "photoferry")
+                                secret_key=local.secret_key, region="us-east-1"), LOCAL_BUCKET)
         ensure_bucket(s3_client(remote.endpoint, access_key=remote.access_key,
-                                secret_key=remote.secret_key, region="us-east-1"), "photoferry-remote")
+                                secret_key=remote.secret_key, region="us-east-1"), REMOTE_BUCKET)
 
         device_secret = _persistent_secret(args.workdir / "device-secret")
         admin_token = _persistent_secret(args.workdir / "admin-token")
@@ -148,10 +151,10 @@ def main() -> None:
             "PHOTOFERRY_STORE_ENDPOINT": local.endpoint,
             "PHOTOFERRY_STORE_ACCESS_KEY": local.access_key,
             "PHOTOFERRY_STORE_SECRET_KEY": local.secret_key,
-            "PHOTOFERRY_STORE_BUCKET": "photoferry",
+            "PHOTOFERRY_STORE_BUCKET": LOCAL_BUCKET,
             "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
-            "PHOTOFERRY_S3_BUCKET": "photoferry-remote",
-            "PHOTOFERRY_S3_PREFIX": "site-dev/",
+            "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
+            "PHOTOFERRY_S3_PREFIX": REMOTE_PREFIX,
             "AWS_ACCESS_KEY_ID": remote.access_key,
             "AWS_SECRET_ACCESS_KEY": remote.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -167,7 +170,11 @@ def main() -> None:
             if (REPO / "services" / name / "__main__.py").exists():
                 stack.start_service(name, env, ports[name])
 
-        _print_welcome(ports, device_secret, admin_token, remote)
+        env_file = args.workdir / "env"
+        client_env = _client_env(ports, device_secret, admin_token, remote)
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in client_env.items()))
+        env_file.chmod(0o600)
+        _print_welcome(ports, amqp_url, local, remote, env_file)
         while all(s.process and s.process.poll() is None for s in stack.services.values()):
             time.sleep(0.5)
         exited = [n for n, s in stack.services.items() if s.process and s.process.poll() is not None]
@@ -178,33 +185,56 @@ def main() -> None:
         stack.stop()
 
 
-def _print_welcome(ports: dict[str, int], device_secret: str, admin_token: str,
-                   remote: S3Server) -> None:
-    token = device_token(device_secret, DEV_DEVICE)
-    gateway = f"http://127.0.0.1:{ports['gateway']}"
-    keeper = f"http://127.0.0.1:{ports['store']}"
-    sample = REPO / "devtools" / "sample.jpg"
+# A photo upload as a device sends it (JSON, the image in base64), for the banner and the README.
+SAMPLE_UPLOAD = (
+    """  curl -sS -X POST "$PHOTOFERRY_GATEWAY_URL/v1/photos" -H "Authorization: Bearer $TOKEN" \\\n"""
+    """    -H 'Content-Type: application/json' \\\n"""
+    f"""    -d '{{"device_id":"{DEV_DEVICE}","captured_at":"2026-01-01T12:00:00Z","image":"'"$(base64 -w0 """
+    """devtools/sample.jpg)"'"}'"""
+)
+
+
+def _client_env(ports: dict[str, int], device_secret: str, admin_token: str, remote: S3Server) -> dict[str, str]:
+    """What the photoferry command (and curl) need to talk to this stack."""
+    return {
+        "PHOTOFERRY_GATEWAY_URL": f"http://127.0.0.1:{ports['gateway']}",
+        "PHOTOFERRY_STORE_URL": f"http://127.0.0.1:{ports['store']}",
+        "PHOTOFERRY_ADMIN_TOKEN": admin_token,
+        "PHOTOFERRY_DEVICE_SECRET": device_secret,
+        "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
+        "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
+        "PHOTOFERRY_S3_PREFIX": REMOTE_PREFIX,
+        "AWS_ACCESS_KEY_ID": remote.access_key,
+        "AWS_SECRET_ACCESS_KEY": remote.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def _print_welcome(ports: dict[str, int], amqp_url: str, local: S3Server, remote: S3Server, env_file: Path) -> None:
+    broker = urlsplit(amqp_url)
     print(f"""
 photoferry is up.
-  gateway     {gateway}   (OpenAPI: {gateway}/openapi.json)
-  remote S3   {remote.endpoint}  bucket photoferry-remote, prefix site-dev/
+  gateway        http://127.0.0.1:{ports['gateway']}    devices POST here (API: /openapi.json)
+  store keeper   http://127.0.0.1:{ports['store']}    the operator page and API
+  shipper        http://127.0.0.1:{ports['shipper']}    /status
+  local store    {local.endpoint}    {local.kind}, bucket {LOCAL_BUCKET}
+  remote S3      {remote.endpoint}    {remote.kind} standing in for AWS, bucket {REMOTE_BUCKET}, prefix {REMOTE_PREFIX}
+  broker         {broker.hostname}:{broker.port or 5672}
 
-Device {DEV_DEVICE}'s token:
-  export TOKEN={token}
+In another terminal, from {REPO}:
+  source {env_file.relative_to(REPO) if env_file.is_relative_to(REPO) else env_file}
+  .venv/bin/photoferry status                          the site at a glance
+  .venv/bin/photoferry fleet --devices 20 --duration 30s --verify
+                                                       20 simulated devices, then every photo checked in S3
+  .venv/bin/photoferry remote                          the newest photos in the remote bucket
+  open "$PHOTOFERRY_STORE_URL/#token=$PHOTOFERRY_ADMIN_TOKEN"   the operator page
 
-Upload the sample photo (201 the first time, 200 with the same id after):
-  curl -sS -X POST {gateway}/v1/photos \\
-    -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
-    -d "{{\\"device_id\\":\\"{DEV_DEVICE}\\",\\"captured_at\\":\\"2026-01-01T12:00:00Z\\",\\
-\\"image\\":\\"$(base64 -w0 {sample})\\"}}"
-
-Then follow it (the id is in the answer):  curl -sS -H "Authorization: Bearer $TOKEN" {gateway}/v1/photos/<id>
-and watch it arrive in the remote S3 (the store keeper's page and the operator command):
-  {keeper}/#token={admin_token}
-  PHOTOFERRY_STORE_URL={keeper} PHOTOFERRY_ADMIN_TOKEN={admin_token} .venv/bin/photoferry status
+Upload the sample photo yourself (201 the first time, 200 with the same id after):
+  TOKEN=$(.venv/bin/photoferry token {DEV_DEVICE})
+{SAMPLE_UPLOAD}
 
 Ctrl-C stops everything started here.
-""")
+""", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
     photoferry replay                   send parked photos back to shipping
     photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
     photoferry fleet --devices N ...    simulate a site's devices (needs PHOTOFERRY_DEVICE_SECRET)
+    photoferry remote [--last N]        the newest photos in the remote bucket (PHOTOFERRY_S3_*, AWS_*)
 
 The operator commands talk to PHOTOFERRY_STORE_URL (default http://127.0.0.1:8081)
 with PHOTOFERRY_ADMIN_TOKEN. ``fleet`` posts to PHOTOFERRY_GATEWAY_URL (or
@@ -207,6 +208,30 @@ def _verify(config: CliConfig, args: argparse.Namespace, report: dict[str, Any])
     return not arrival.missing and not arrival.different
 
 
+def _remote(config: CliConfig, args: argparse.Namespace) -> int:
+    # boto3 takes a while to import: only the commands that need it do.
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from services.common.s3 import s3_client
+
+    if not config.remote_bucket:
+        raise CliError("set PHOTOFERRY_S3_BUCKET (and PHOTOFERRY_S3_ENDPOINT, PHOTOFERRY_S3_PREFIX, AWS_*)")
+
+    client = s3_client(config.remote_endpoint)
+    found: list[dict[str, Any]] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=config.remote_bucket,
+                                                                      Prefix=config.remote_prefix):
+            found.extend(page.get("Contents", []))
+    except (ClientError, BotoCoreError) as exc:
+        raise CliError(f"could not list s3://{config.remote_bucket}/{config.remote_prefix}: {exc}") from None
+    found.sort(key=lambda item: item["LastModified"])
+    for item in found[-args.last:]:
+        print(f"{item['LastModified']:%Y-%m-%d %H:%M:%S}  {format_bytes(item['Size']):>9}  {item['Key']}")
+    print(f"{len(found)} objects in s3://{config.remote_bucket}/{config.remote_prefix}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photoferry", description="Operate a photoferry site.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--s3-bucket", help="the remote bucket (default PHOTOFERRY_S3_BUCKET)")
     fleet.add_argument("--s3-prefix", help="the shipper's key prefix (default PHOTOFERRY_S3_PREFIX)")
     fleet.set_defaults(run=_fleet)
+    remote = commands.add_parser("remote", help="the newest photos in the remote bucket the shipper writes to")
+    remote.add_argument("--last", type=int, default=10, help="how many to show (newest last)")
+    remote.set_defaults(run=_remote)
     return parser
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from devtools import chaos
-from devtools.chaos import ChaosSite, RoundPlan
+from devtools.chaos import RoundPlan
+from devtools.site import PrivateSite
 
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosSite]:
-    site = ChaosSite(Path(tmp_path_factory.mktemp("chaos")))
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateSite]:
+    site = PrivateSite(Path(tmp_path_factory.mktemp("chaos")))
     site.start()
     yield site
     site.stop()
@@ -29,7 +30,7 @@ ORDER = ("kill-shipper", "kill-broker", "s3-half-open", "kill-gateway", "broker-
 
 
 @pytest.mark.timeout(600)
-def test_a_round_of_faults_under_load_loses_and_duplicates_nothing(site: ChaosSite) -> None:
+def test_a_round_of_faults_under_load_loses_and_duplicates_nothing(site: PrivateSite) -> None:
     seed = random.SystemRandom().randrange(2**31)
     print(f"chaos seed {seed}")
     # The faults that matter most, each once, at moments the seed picks.

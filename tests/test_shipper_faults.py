@@ -127,13 +127,15 @@ def test_a_link_slower_than_the_cap_is_reported(site: Site, remote_s3: S3Server,
     shipper = start_service("shipper", site.env(PHOTOFERRY_S3_ENDPOINT=proxy.endpoint,
                                                  PHOTOFERRY_SHIP_RATE="4MB"), logs)
     try:
-        expected = upload_many(gateway.url, 24, device="cam-slow-link", size=300_000)
-        wait_until(lambda: status(shipper)["link_limited"], timeout=40, what="the slow link to be reported")
+        # 12 MB: half a minute on this link, long enough for the shipper to learn that more
+        # uploads at once do not help (a few 5 s windows).
+        expected = upload_many(gateway.url, 40, device="cam-slow-link", size=300_000)
+        wait_until(lambda: status(shipper)["link_limited"], timeout=45, what="the slow link to be reported")
         metrics = requests.get(f"{shipper.url}/metrics", timeout=10).text
         assert "photoferry_shipper_link_limited 1.0" in metrics
         proxy.set_bandwidth(None)
         client = site.remote_client()
-        wait_until(lambda: shipped(client, site.remote_bucket, expected), timeout=60, what="the backlog to drain")
+        wait_until(lambda: shipped(client, site.remote_bucket, expected), timeout=90, what="the backlog to drain")
     finally:
         stop_cleanly(shipper)
         proxy.stop()

@@ -140,6 +140,19 @@ class PacedReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        # The bytes are in memory: the HTTP client may rewind (after a refused
+        # 100-continue, a reset connection); what it sends again is paced again.
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._sent, io.SEEK_END: len(self._data)}[whence]
+        self._sent = min(max(0, base + offset), len(self._data))
+        return self._sent
+
+    def tell(self) -> int:
+        return self._sent
+
     def read(self, n: int = -1) -> bytes:
         if self._sent >= len(self._data):
             return b""

@@ -1,0 +1,329 @@
+"""The site's load, proved on one machine: photoferry as processes, simulated devices beside it.
+
+Phases, each on a fresh private site (``devtools.site``), the simulator being
+``photoferry fleet``'s (an open model: latency runs from when a photo was meant
+to be sent):
+
+- **load**: 1,000 devices x 2 photos a minute x 250 KB (mixed JSON and msgpack)
+  against a 5 MB/s cap for ``--minutes``: accepted, failed, 5xx, upload latency,
+  CPU and peak memory of each part, and the backlog's growth against the
+  predicted 8.33 - 5 = 3.33 MB/s;
+- **lag**: a load the cap carries (1,000 x 1/min, 4.2 MB/s): receipt to S3, p50/p99;
+- **burst**: every device sends at the same instant, then retries as the contract
+  says: all accepted, the gateway's peak memory, the time until all are in S3;
+- **headroom**: shipping paused, the rate one gateway holds with upload p99
+  under 100 ms, as a multiple of the site's 33 photos/s;
+- **fresh**: the site's day compressed (8.33 MB/s in, a 5 MB/s cap, a 60 s fresh
+  window) with the default fresh share and with none: the newest photos' lag and
+  the backlog, over time.
+
+Writes ``docs/benchmarks-site.json`` and PNG plots beside it.
+
+    python -m bench.site [--minutes 10] [--phases load,lag,burst,headroom,fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from devtools.servers import REPO
+from devtools.site import ADMIN_TOKEN, DEVICE_SECRET, PREFIX, REMOTE_BUCKET, PrivateSite
+from services.devices.fleet import Fleet, FleetPlan
+from services.devices.verify import check_arrivals, expected_of
+
+MB = 1_000_000
+CAP = 5 * MB
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+OUT = REPO / "docs"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextmanager
+def private_site(cap: str = "5MB", **settings: str) -> Iterator[PrivateSite]:
+    with tempfile.TemporaryDirectory(prefix="photoferry-bench-site-") as workdir:
+        site = PrivateSite(Path(workdir), cap=cap, settings={"PHOTOFERRY_LOG_LEVEL": "info", **settings})
+        try:
+            site.start()
+            yield site
+        finally:
+            site.stop()
+
+
+def status(site: PrivateSite) -> dict[str, Any]:
+    return requests.get(f"{site.services['store'].url}/api/status", timeout=10,
+                        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+
+
+def operator(site: PrivateSite, method: str, path: str, body: object = None) -> None:
+    requests.request(method, f"{site.services['store'].url}{path}", json=body, timeout=10,
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).raise_for_status()
+
+
+class Sampler:
+    """Every few seconds: the keeper's figures, the uplink's bytes, each part's CPU."""
+
+    def __init__(self, site: PrivateSite, every_s: float = 5.0) -> None:
+        self.site = site
+        self.every_s = every_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = time.monotonic()
+        self.cpu_start = {name: cpu_seconds(pid) for name, pid in site.pids().items()}
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        last_bytes, last_t = 0, time.monotonic()
+        while not self._stop.wait(self.every_s):
+            assert self.site.s3_link is not None
+            now = time.monotonic()
+            sent = self.site.s3_link.total()
+            figures = status(self.site)
+            self.samples.append({
+                "t": round(now - self.started, 1), "egress_wire": (sent - last_bytes) / (now - last_t),
+                "backlog_bytes": figures["backlog_bytes"], "cap": figures["cap_bytes_per_s"],
+                "ingest": figures["ingest_bytes_per_s"], "fresh_lag_p99": figures["fresh"]["lag"]["p99_s"],
+            })
+            last_bytes, last_t = sent, now
+
+    def resources(self) -> dict[str, dict[str, float]]:
+        elapsed = time.monotonic() - self.started
+        return {name: {"cpu_s": round(cpu_seconds(pid) - self.cpu_start.get(name, 0.0), 1),
+                       "cpu_share_of_a_core": round((cpu_seconds(pid) - self.cpu_start.get(name, 0.0)) / elapsed, 3),
+                       "peak_rss_mb": round(memory_kib(pid, "VmHWM") / 1024, 1)}
+                for name, pid in self.site.pids().items()}
+
+
+def fleet(site: PrivateSite, **plan: Any) -> Fleet:
+    return Fleet(FleetPlan(gateway=site.services["gateway"].url, **plan), secret=DEVICE_SECRET)
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (x, y)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+
+
+def lags_from_logs(site: PrivateSite, ids: set[str] | None = None) -> list[tuple[float, float, str]]:
+    """(when shipped, seconds from receipt to S3, class) of every photo the shipper logged."""
+    found = []
+    for line in (site.workdir / "logs" / "shipper.log").read_text(errors="replace").splitlines():
+        if '"photo shipped"' in line:
+            entry = json.loads(line)
+            if ids is None or entry["photo_id"] in ids:
+                found.append((entry["time"], float(entry["lag_s"]), entry.get("class", "")))
+    return found
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- phases ----------------------------------------------------------------------------------
+
+
+def phase_load(minutes: float) -> dict[str, Any]:
+    with private_site() as site:
+        plan = dict(devices=1000, per_minute=2, duration_s=minutes * 60, size=250_000, fmt="mixed", workers=128,
+                    seed=1, drain_s=120)
+        with Sampler(site) as sampler:
+            run = fleet(site, **plan)
+            report = run.run()
+        resources = sampler.resources()
+    samples = sampler.samples
+    steady = [(s["t"], s["backlog_bytes"]) for s in samples if s["t"] > 60 and s["t"] < minutes * 60]
+    statuses = report["statuses"]
+    return {
+        "plan": plan, "report": {k: v for k, v in report.items() if k != "photos"},
+        "server_errors": sum(n for code, n in statuses.items() if code.startswith("5") and code != "503"),
+        "backlog_growth_bytes_per_s": round(slope(steady), 1) if len(steady) > 2 else None,
+        "predicted_growth_bytes_per_s": round(1000 * 2 / 60 * 250_000 - CAP, 1),
+        "resources": resources, "samples": samples,
+        "latency_series": run.tally.latency_series[::10],
+    }
+
+
+def phase_lag(minutes: float) -> dict[str, Any]:
+    with private_site() as site:
+        report = fleet(site, devices=1000, per_minute=1, duration_s=minutes * 60, size=250_000, fmt="mixed",
+                       workers=128, seed=2).run()
+        ids = {p["id"] for p in report["photos"]}
+        check_arrivals(site.remote_client(), REMOTE_BUCKET, PREFIX, expected_of(report["photos"]), timeout_s=300)
+        lags = [lag for _, lag, _ in lags_from_logs(site, ids)]
+    return {"accepted": report["accepted"], "failed": report["failed"], "shipped": len(lags),
+            "receipt_to_s3_p50_s": pct(lags, 0.5), "receipt_to_s3_p99_s": pct(lags, 0.99),
+            "upload_latency_ms": report["latency_ms"]}
+
+
+def phase_burst() -> dict[str, Any]:
+    with private_site() as site:
+        started = time.monotonic()
+        report = fleet(site, devices=1000, per_minute=1, duration_s=0, size=250_000, fmt="mixed", burst=True,
+                       workers=256, seed=3, max_backoff_s=10).run()
+        accepted_s = time.monotonic() - started
+        arrival = check_arrivals(site.remote_client(), REMOTE_BUCKET, PREFIX, expected_of(report["photos"]),
+                                 timeout_s=600, poll_s=1)
+        all_in_s = time.monotonic() - started
+        gateway_peak = memory_kib(site.pids()["gateway"], "VmHWM") / 1024
+    return {"report": {k: v for k, v in report.items() if k != "photos"}, "accepted_after_s": round(accepted_s, 1),
+            "all_in_s3_after_s": round(all_in_s, 1), "missing": len(arrival.missing),
+            "gateway_peak_rss_mb": round(gateway_peak, 1)}
+
+
+def phase_headroom(step_s: float) -> dict[str, Any]:
+    steps = []
+    with private_site() as site:
+        operator(site, "POST", "/api/shipping/pause")  # the gateway alone: stored and queued, not shipped
+        gateway = site.pids()["gateway"]
+        for rate in (33, 66, 100, 150, 200, 300, 400):
+            cpu_before, started = cpu_seconds(gateway), time.monotonic()
+            report = fleet(site, devices=rate * 10, per_minute=6, duration_s=step_s, size=250_000, fmt="mixed",
+                           workers=256, seed=rate, drain_s=30, device_prefix=f"h{rate}").run()
+            cpu = (cpu_seconds(gateway) - cpu_before) / (time.monotonic() - started)
+            step = {"offered_per_s": rate, "accepted_per_s": round(report["accepted"] / report["duration_s"], 1),
+                    "p99_ms": report["latency_ms"]["p99"], "p50_ms": report["latency_ms"]["p50"],
+                    "failed": report["failed"], "deferred": report["statuses"].get("503", 0),
+                    "gateway_cpu_share_of_a_core": round(cpu, 2)}
+            steps.append(step)
+            print(f"  headroom {rate}/s: {step}", flush=True)
+            if step["p99_ms"] >= 100 or step["failed"]:
+                break
+    held = [s for s in steps if s["p99_ms"] < 100 and not s["failed"]]
+    best = max((s["offered_per_s"] for s in held), default=0)
+    return {"steps": steps, "held_per_s": best, "multiple_of_site": round(best / (1000 * 2 / 60), 1)}
+
+
+def phase_fresh(minutes: float) -> dict[str, Any]:
+    runs = {}
+    for share in ("0.5", "0"):
+        with private_site(PHOTOFERRY_SHIP_FRESH_WINDOW="60s", PHOTOFERRY_SHIP_FRESH_SHARE=share) as site:
+            with Sampler(site) as sampler:
+                report = fleet(site, devices=1000, per_minute=2, duration_s=minutes * 60, size=250_000,
+                               fmt="mixed", workers=128, seed=4).run()
+            lags = lags_from_logs(site)
+        fresh = [lag for _, lag, kind in lags if kind == "fresh"]
+        runs[share] = {
+            "accepted": report["accepted"], "shipped": len(lags), "shipped_fresh": len(fresh),
+            "fresh_lag_p50_s": pct(fresh, 0.5), "fresh_lag_p99_s": pct(fresh, 0.99),
+            "all_lag_p50_s": pct([lag for _, lag, _ in lags], 0.5),
+            "samples": sampler.samples, "lags": [(t, lag, kind) for t, lag, kind in lags][::5],
+        }
+    return runs
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "load" in results:
+        samples = results["load"]["samples"]
+        t = [s["t"] / 60 for s in samples]
+        fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+        top.plot(t, [s["egress_wire"] / MB for s in samples], label="egress on the wire")
+        top.plot(t, [s["cap"] / MB for s in samples], label="cap", linestyle="--")
+        top.plot(t, [s["ingest"] / MB for s in samples], label="ingest", alpha=0.7)
+        top.set_ylabel("MB/s")
+        top.legend(loc="lower right")
+        top.set_title("The site's load: 1,000 devices x 2/min x 250 KB, 5 MB/s cap")
+        middle.plot(t, [s["backlog_bytes"] / 1e9 for s in samples], label="backlog")
+        middle.set_ylabel("backlog, GB")
+        series = results["load"]["latency_series"]
+        bottom.scatter([x / 60 for x, _ in series], [y for _, y in series], s=2)
+        bottom.set_yscale("log")
+        bottom.set_ylabel("upload latency, ms")
+        bottom.set_xlabel("minutes")
+        fig.tight_layout()
+        fig.savefig(OUT / "bench-site-load.png", dpi=90)
+        plt.close(fig)
+    if "fresh" in results:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+        for share, run in results["fresh"].items():
+            fresh = [(i, lag) for i, (_, lag, kind) in enumerate(run["lags"])]
+            top.scatter([i for i, _ in fresh], [lag for _, lag in fresh], s=3,
+                        label=f"fresh share {share}: receipt to S3 of each photo shipped, in order")
+            bottom.plot([s["t"] / 60 for s in run["samples"]], [s["backlog_bytes"] / 1e9 for s in run["samples"]],
+                        label=f"fresh share {share}")
+        top.set_ylabel("seconds")
+        top.set_xlabel("photos shipped (every fifth)")
+        top.legend()
+        top.set_title("The site's day compressed: 8.33 MB/s in, 5 MB/s cap, 60 s fresh window")
+        bottom.set_ylabel("backlog, GB")
+        bottom.set_xlabel("minutes")
+        bottom.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / "bench-site-fresh.png", dpi=90)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="length of the site-load phase")
+    parser.add_argument("--phases", default="load,lag,burst,headroom,fresh")
+    parser.add_argument("--out", type=Path, default=OUT / "benchmarks-site.json")
+    args = parser.parse_args()
+    phases = args.phases.split(",")
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "command": f"make bench-site (python -m bench.site --minutes {args.minutes:g} --phases {args.phases})",
+    }
+    runners = {
+        "load": lambda: phase_load(args.minutes),
+        "lag": lambda: phase_lag(min(3.0, args.minutes)),
+        "burst": phase_burst,
+        "headroom": lambda: phase_headroom(30.0),
+        "fresh": lambda: phase_fresh(min(4.0, args.minutes)),
+    }
+    for phase in phases:
+        print(f"{phase} ...", flush=True)
+        started = time.monotonic()
+        results[phase] = runners[phase]()
+        print(f"{phase}: done in {time.monotonic() - started:.0f} s", flush=True)
+        summary = {k: v for k, v in results[phase].items() if k not in ("samples", "latency_series", "lags")}
+        print(json.dumps(summary, indent=1, default=str)[:3000], flush=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+    plot(results)
+    print(f"wrote {args.out} and the plots beside it")
+
+
+if __name__ == "__main__":
+    main()
