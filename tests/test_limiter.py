@@ -26,13 +26,29 @@ def test_a_reader_is_held_to_the_rate() -> None:
     limiter = RateLimiter(1000, clock=clock, sleep=clock.sleep)
     for _ in range(100):
         limiter.acquire(100)
-    assert clock.now == pytest.approx(10.0)
+    # Never further ahead than the debt it may run up before it sleeps (10 ms of the rate).
+    assert clock.now == pytest.approx(10.0, abs=0.011)
     assert limiter.granted == 10_000
+
+
+def test_a_reader_sleeps_once_per_few_pieces_not_for_each() -> None:
+    clock = FakeClock()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.sleep(seconds)
+
+    limiter = RateLimiter(1_000_000, burst_s=0.01, debt_s=0.01, clock=clock, sleep=sleep)
+    for _ in range(100):
+        limiter.acquire(2_000)  # 2 ms of the rate each
+    assert clock.now == pytest.approx(0.2, abs=0.011)
+    assert len(sleeps) <= 20  # a sleep per 5 pieces or so, not 100
 
 
 def test_idle_time_buys_at_most_the_burst() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(1000, burst_s=0.05, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(1000, burst_s=0.05, debt_s=0, clock=clock, sleep=clock.sleep)
     clock.now = 100.0  # long idle
     limiter.acquire(50)  # the burst: 50 ms worth, no wait
     assert clock.now == 100.0
@@ -42,7 +58,7 @@ def test_idle_time_buys_at_most_the_burst() -> None:
 
 def test_rate_changes_apply_from_then_on() -> None:
     clock = FakeClock()
-    limiter = RateLimiter(1000, clock=clock, sleep=clock.sleep)
+    limiter = RateLimiter(1000, debt_s=0, clock=clock, sleep=clock.sleep)
     limiter.acquire(1000)
     limiter.set_rate(4000)
     limiter.acquire(4000)

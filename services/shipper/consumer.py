@@ -159,6 +159,7 @@ class Shipper:
             await queue.consume(callback, no_ack=True)
             listeners.append(queue)
         self._listeners = listeners
+        self.pacing.listening(time.monotonic())
         # The shipping consumers are not robust (the pace loop decides when to consume):
         # after a reconnection they are gone, and the pace loop starts them again if it should.
         broker.connection.reconnect_callbacks.add(self._on_reconnected)
@@ -239,6 +240,8 @@ class Shipper:
     def _on_reconnected(self, _connection: object) -> None:
         for lane in self.lanes.values():
             lane.consumer_tag = None
+        # Heartbeats sent while the connection was down were not heard: hear a round first.
+        self.pacing.listening(time.monotonic())
         self._wake()
 
     async def _pace(self) -> StepResult:

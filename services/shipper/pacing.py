@@ -7,6 +7,9 @@ A replica that turns busy waits until the others have heard so (``JOIN_DELAY_S``
 before it sends, so the shares never add up to more than the cap; while photos
 wait in the queue it stays busy for ``BUSY_GRACE_S`` after its last one, so a
 steady stream does not pay that wait, and when none wait it turns idle at once.
+A replica that has just started listening first hears a full round of the
+others' heartbeats (``WARM_UP_S``): peers that turned busy before it listened
+would otherwise go unheard, and both would send at the whole cap.
 
 Within a replica, the share is split between two classes of work (``split``):
 fresh photos may take up to ``fresh_share`` of it while the backlog also has
@@ -20,10 +23,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.common.shipping import PEER_TTL_S, Heartbeat
+from services.common.shipping import HEARTBEAT_EVERY_S, PEER_TTL_S, Heartbeat
 
 JOIN_DELAY_S = 0.25  # heartbeats cross the broker in milliseconds and peers re-split on receipt
 BUSY_GRACE_S = 2.0
+WARM_UP_S = 1.5 * HEARTBEAT_EVERY_S  # every peer's periodic heartbeat has arrived by then
 
 
 class CapShare:
@@ -38,6 +42,11 @@ class CapShare:
         self._peers: dict[str, tuple[bool, float]] = {}  # replica -> (busy, when heard)
         self._busy_until = 0.0
         self._busy_since = 0.0
+        self._listening_since: float | None = None  # None: not hearing the others yet
+
+    def listening(self, now: float) -> None:
+        """The replica hears the others' heartbeats from now on (again, after a reconnection)."""
+        self._listening_since = now
 
     def hear(self, beat: Heartbeat, now: float) -> bool:
         """Note a peer's heartbeat; True when its busy state changed (re-split now)."""
@@ -58,7 +67,7 @@ class CapShare:
         if changed and busy:
             self._busy_since = now
         self.announced_busy = busy
-        if busy and now - self._busy_since >= JOIN_DELAY_S:
+        if busy and now - self._busy_since >= JOIN_DELAY_S and self._warm(now):
             self.may_send.set()
         elif not busy:
             self.may_send.clear()
@@ -72,10 +81,14 @@ class CapShare:
         self.share = cap / self.busy_replicas if cap > 0 else 0.0
         return self.share
 
+    def _warm(self, now: float) -> bool:
+        return self._listening_since is not None and now - self._listening_since >= WARM_UP_S
+
     def opens_in(self, now: float) -> float | None:
         """Seconds until this replica may send, when it is waiting for its announcement to travel."""
         if self.announced_busy and not self.may_send.is_set():
-            return max(0.01, self._busy_since + JOIN_DELAY_S - now)
+            warm_at = (self._listening_since + WARM_UP_S) if self._listening_since is not None else now + 1.0
+            return max(0.01, self._busy_since + JOIN_DELAY_S - now, warm_at - now)
         return None
 
     def leave(self) -> None:
