@@ -65,7 +65,9 @@ def memory_kib(pid: int, field: str) -> int:
 @contextmanager
 def private_site(cap: str = "5MB", **settings: str) -> Iterator[PrivateSite]:
     with tempfile.TemporaryDirectory(prefix="photoferry-bench-site-") as workdir:
-        site = PrivateSite(Path(workdir), cap=cap, settings={"PHOTOFERRY_LOG_LEVEL": "info", **settings})
+        # Sweeps as often as a site does (k3s base: 5m): each lists the whole store.
+        site = PrivateSite(Path(workdir), cap=cap, settings={"PHOTOFERRY_LOG_LEVEL": "info",
+                                                             "PHOTOFERRY_RECONCILE_EVERY": "5m", **settings})
         try:
             site.start()
             yield site
@@ -94,6 +96,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = time.monotonic()
         self.cpu_start = {name: cpu_seconds(pid) for name, pid in site.pids().items()}
+        self.cpu_start["simulator (this process)"] = cpu_seconds(os.getpid())
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -119,10 +122,11 @@ class Sampler:
 
     def resources(self) -> dict[str, dict[str, float]]:
         elapsed = time.monotonic() - self.started
+        pids = {**self.site.pids(), "simulator (this process)": os.getpid()}
         return {name: {"cpu_s": round(cpu_seconds(pid) - self.cpu_start.get(name, 0.0), 1),
                        "cpu_share_of_a_core": round((cpu_seconds(pid) - self.cpu_start.get(name, 0.0)) / elapsed, 3),
                        "peak_rss_mb": round(memory_kib(pid, "VmHWM") / 1024, 1)}
-                for name, pid in self.site.pids().items()}
+                for name, pid in pids.items()}
 
 
 def fleet(site: PrivateSite, **plan: Any) -> Fleet:
