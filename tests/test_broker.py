@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aio_pika
 import pytest
 
 from devtools.servers import free_port
@@ -67,3 +68,35 @@ def test_closing_while_no_broker_answers_is_prompt() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 6
+
+
+def test_the_fresh_queue_keeps_the_newest_photos_and_moves_the_oldest_to_the_backlog(site: Site) -> None:
+    extra = 5
+
+    async def scenario() -> tuple[int, list[str]]:
+        broker = Broker(site.amqp_url, name="test-fresh-bound")
+        broker.start()
+        try:
+            await asyncio.wait_for(broker.connected(), 20)
+            for n in range(topology.FRESH_QUEUE_MAX_PHOTOS + extra):
+                await broker.publish(topology.PHOTOS_EXCHANGE, topology.FRESH_ROUTING_KEY,
+                                     aio_pika.Message(str(n).encode()), timeout=10)
+            assert broker.declared is not None
+            backlog = broker.declared.queues[topology.SHIP_QUEUE]
+            moved: list[str] = []
+            deadline = time.monotonic() + 20
+            while len(moved) < extra and time.monotonic() < deadline:  # dead-lettering is asynchronous
+                message = await backlog.get(no_ack=True, fail=False, timeout=5)
+                if message is None:
+                    await asyncio.sleep(0.1)
+                    continue
+                moved.append(message.body.decode())
+            depths = await broker.queue_depth(topology.FRESH_QUEUE)
+            await broker.declared.queues[topology.FRESH_QUEUE].purge()
+            return depths[topology.FRESH_QUEUE], moved
+        finally:
+            await broker.close()
+
+    fresh, moved = asyncio.run(scenario())
+    assert fresh == topology.FRESH_QUEUE_MAX_PHOTOS
+    assert moved == [str(n) for n in range(extra)]  # the oldest, in order

@@ -256,6 +256,7 @@ class ShipperConfig:
     store: StoreSettings
     remote: RemoteSettings
     schedule: RateSchedule
+    fresh_window: float  # a fresh photo held past this is demoted to the backlog, not shipped as fresh
     max_concurrency: int  # the prefetch limit: uploads in flight per replica
     multipart_threshold: int
     part_size: int
@@ -278,6 +279,7 @@ class ShipperConfig:
             store=StoreSettings.from_env(env),
             remote=RemoteSettings.from_env(env),
             schedule=rate_schedule(env),
+            fresh_window=fresh_window(env),
             max_concurrency=positive_int(env, "PHOTOFERRY_SHIP_PREFETCH", 8),
             multipart_threshold=parsed(env, "PHOTOFERRY_SHIP_MULTIPART_THRESHOLD", parse_size, "8MiB"),
             part_size=part_size,

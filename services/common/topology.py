@@ -31,12 +31,17 @@ STATUS_EXCHANGE = "photoferry.status"
 SHIPPED_EXCHANGE = "photoferry.shipped"
 # Two classes of shipping work. A new photo waits in the fresh queue for at most
 # PHOTOFERRY_SHIP_FRESH_WINDOW (its message's TTL); unshipped by then, it expires
-# into the shipping queue (the backlog), which drains oldest first.
+# into the shipping queue (the backlog), which drains oldest first. The fresh queue
+# also keeps only the newest FRESH_QUEUE_MAX_PHOTOS waiting: when photos arrive
+# faster than the fresh share ships them (the site's normal day), the oldest waiting
+# one joins the backlog at once, so fresh photos ship seconds after receipt rather
+# than a whole window late.
 SHIP_QUEUE = "photoferry.ship"
 FRESH_QUEUE = "photoferry.fresh"
 PARKED_QUEUE = "photoferry.parked"
 SHIP_ROUTING_KEY = "ship"
 FRESH_ROUTING_KEY = "fresh"
+FRESH_QUEUE_MAX_PHOTOS = 100
 
 # A failed shipment waits in one of these queues (its TTL) and then returns to the
 # shipping queue: the shipper never sleeps on a message it holds. The n-th retry
@@ -99,11 +104,15 @@ QUEUES = (
         {
             "x-queue-type": "quorum",
             "x-delivery-limit": SHIP_DELIVERY_LIMIT,
-            # Expired (or delivered too often): into the backlog, never dropped.
+            # Expired, pushed out by newer photos, or delivered too often: into the backlog.
             "x-dead-letter-exchange": PHOTOS_EXCHANGE,
             "x-dead-letter-routing-key": SHIP_ROUTING_KEY,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
+            "x-max-length": FRESH_QUEUE_MAX_PHOTOS,
+            "x-overflow": "drop-head",
+            # drop-head rules out at-least-once dead-lettering: a photo whose move to the
+            # backlog is lost (the backlog queue unavailable at that instant) is still in
+            # the store, unshipped, and the keeper's sweep queues it again.
+            "x-dead-letter-strategy": "at-most-once",
         },
     ),
     Queue(PARKED_QUEUE, {"x-queue-type": "quorum"}),

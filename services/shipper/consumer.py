@@ -363,8 +363,11 @@ class Shipper:
                                           backlog=lane.waiting > 0 and lane.consumer_tag is not None)
         if limit != lane.slots.limit:
             await lane.slots.resize(limit)
-        if lane.consumer_tag is not None and self._prefetch_limit(lane) != lane.prefetch:
-            # A consumer keeps the prefetch it started with: start it again (next round).
+        wanted = self._prefetch_limit(lane)
+        # A consumer keeps the prefetch it started with: start it again (next round). What the old
+        # one holds no longer counts against the new one's prefetch, so only once the lane holds no
+        # more than the new limit: never more than twice the limit held at once.
+        if lane.consumer_tag is not None and wanted != lane.prefetch and lane.in_flight <= wanted:
             with self._dependency("changing the prefetch"):
                 await self._set_consuming(lane, False)
 
@@ -426,12 +429,16 @@ class Shipper:
         self._in_flight.add(task)
         lane.in_flight += 1
         self._idle.clear()
-        if not self.pacing.announced_busy or not lane.may_send.is_set():
-            self._wake()  # announce now, and split the share, rather than at the next tick
+        if lane.in_flight == 1 or not self.pacing.announced_busy or not lane.may_send.is_set():
+            # Announce now, and split the share between the lanes, rather than at the next tick:
+            # a photo that started at the whole share could finish before the tick ever saw it.
+            self._wake()
         try:
             await self.pacing.may_send.wait()
             await lane.may_send.wait()
             async with lane.slots.hold():
+                if lane.name == FRESH and await self._demoted(message):
+                    return
                 await self._ship(lane, message)
         finally:
             self._in_flight.discard(task)
@@ -443,6 +450,32 @@ class Shipper:
                 self._wake()
             if not self._in_flight:
                 self._idle.set()
+
+    async def _demoted(self, message: AbstractIncomingMessage) -> bool:
+        """Move a fresh photo that waited here past its window to the backlog, as its TTL would
+        have in the queue (a prefetched message does not expire); True when it was moved."""
+        try:
+            job = photos.PhotoMessage.from_json(message.body)
+            received = datetime.fromisoformat(job.received_at)
+        except ValueError:
+            return False  # shipping it parks it, with the reason
+        if (datetime.now(UTC) - received).total_seconds() < self.config.fresh_window:
+            return False
+        headers = message.headers or {}
+        origin = headers.get(messages.ORIGIN_HEADER)
+        demoted = messages.shipping_message(message.body, origin=origin if isinstance(origin, str) else "unknown",
+                                            attempt=messages.attempt_of(headers))
+        try:
+            await self.broker.publish(topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY, demoted,
+                                      timeout=BROKER_TIMEOUT_S)
+        except BrokerUnavailable as exc:
+            log.warning("could not move a late fresh photo to the backlog; returning the message",
+                        extra={"photo_id": job.id, "error": str(exc)})
+            await self._release(message)
+            return True
+        log.info("fresh photo joined the backlog", extra={"photo_id": job.id, "window_s": self.config.fresh_window})
+        await self._ack(message)
+        return True
 
     async def _ship(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         """Try the photo once and carry out what the policy decides."""
