@@ -35,6 +35,7 @@ RETRY = "retry"  # the shipper failed and asked for a delayed retry
 PARKED = "parked"  # the shipper gave up on it (the parking queue)
 REPLAY = "replay"  # an operator sent parked photos back
 RECONCILE = "reconcile"  # the store keeper found a stored photo without a message
+DEMOTED = "demoted"  # a shipper held a fresh photo past its window and moved it to the backlog
 
 MAX_ERROR_CHARS = 500
 
@@ -86,6 +87,8 @@ def delivery_count(headers: Mapping[str, Any] | None) -> int:
 def is_first_publish(headers: Mapping[str, Any] | None) -> bool:
     """True for the copy published when a photo was stored: new ingest, not a retry of any kind."""
     headers = headers or {}
+    if "x-death" in headers:
+        return False  # the broker moved it between queues (a fresh photo joining the backlog)
     if ORIGIN_HEADER in headers:
         return headers[ORIGIN_HEADER] == UPLOAD
     return not any(h in headers for h in ("x-death", ATTEMPT_HEADER, *_LEGACY_NOT_FIRST))

@@ -461,10 +461,8 @@ class Shipper:
             return False  # shipping it parks it, with the reason
         if (datetime.now(UTC) - received).total_seconds() < self.config.fresh_window:
             return False
-        headers = message.headers or {}
-        origin = headers.get(messages.ORIGIN_HEADER)
-        demoted = messages.shipping_message(message.body, origin=origin if isinstance(origin, str) else "unknown",
-                                            attempt=messages.attempt_of(headers))
+        demoted = messages.shipping_message(message.body, origin=messages.DEMOTED,
+                                            attempt=messages.attempt_of(message.headers))
         try:
             await self.broker.publish(topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY, demoted,
                                       timeout=BROKER_TIMEOUT_S)
@@ -611,9 +609,10 @@ class Shipper:
 
 
 def _maybe_there(message: AbstractIncomingMessage, attempt: int) -> bool:
-    """Whether the photo may be in S3 already: anything but a first upload's first delivery."""
+    """Whether the photo may be in S3 already: anything but a first upload's first delivery
+    (after the move to the backlog too: either way the conditional PUT finds a copy that is there)."""
     origin = (message.headers or {}).get(messages.ORIGIN_HEADER)
-    return bool(message.redelivered) or attempt > 0 or origin != messages.UPLOAD
+    return bool(message.redelivered) or attempt > 0 or origin not in (messages.UPLOAD, messages.DEMOTED)
 
 
 def _parse(message: AbstractIncomingMessage) -> photos.PhotoMessage:
