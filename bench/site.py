@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -282,14 +283,17 @@ def plot(results: dict[str, Any]) -> None:
     if "fresh" in results:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
         for share, run in results["fresh"].items():
-            fresh = [(i, lag) for i, (_, lag, kind) in enumerate(run["lags"])]
-            top.scatter([i for i, _ in fresh], [lag for _, lag in fresh], s=3,
-                        label=f"fresh share {share}: receipt to S3 of each photo shipped, in order")
+            shipped = [(datetime.fromisoformat(when.replace("Z", "+00:00")), lag, kind)
+                       for when, lag, kind in run["lags"]]
+            first = min(when for when, _, _ in shipped)
+            for kind, marker in (("fresh", "o"), ("backlog", "x")):
+                points = [((when - first).total_seconds() / 60, lag) for when, lag, k in shipped if k == kind]
+                top.scatter([x for x, _ in points], [y for _, y in points], s=4, marker=marker,
+                            label=f"share {share}: shipped as {kind}")
             bottom.plot([s["t"] / 60 for s in run["samples"]], [s["backlog_bytes"] / 1e9 for s in run["samples"]],
                         label=f"fresh share {share}")
-        top.set_ylabel("seconds")
-        top.set_xlabel("photos shipped (every fifth)")
-        top.legend()
+        top.set_ylabel("receipt to S3, seconds")
+        top.legend(fontsize="small")
         top.set_title("The site's day compressed: 8.33 MB/s in, 5 MB/s cap, 60 s fresh window")
         bottom.set_ylabel("backlog, GB")
         bottom.set_xlabel("minutes")
