@@ -106,3 +106,20 @@ def test_sigterm_during_a_broker_outage_stops_every_service_promptly(late: Site,
     finally:
         for service in services:
             service.kill()
+
+
+def test_a_broker_still_starting_is_no_cause_for_warnings(site: Site, logs: Path) -> None:
+    """`make up` and a k3s site start the services with the broker: its first seconds are not an outage."""
+    env = site.env(PHOTOFERRY_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nobody there yet
+                   PHOTOFERRY_RECONCILE_EVERY="1s")
+    port = free_port()
+    keeper = ServiceProcess("store", {**env, "PHOTOFERRY_STORE_PORT": str(port)}, port=port,
+                            logfile=logs / "starting-broker-store.log")
+    keeper.start(wait="alive")
+    try:
+        wait_until(lambda: keeper.logfile.read_text().count('"store swept"') >= 2, timeout=20,
+                   what="two sweeps while the broker is still coming up")
+        warnings = [line for line in keeper.logfile.read_text().splitlines() if '"level":"warning"' in line]
+        assert not warnings, warnings
+    finally:
+        keeper.kill()

@@ -162,6 +162,13 @@ class Broker:
         await self._started.wait()
 
     @property
+    def starting(self) -> bool:
+        """Not connected yet, and not for long: a pod that started before the broker (say so quietly)."""
+        if self._started.is_set():
+            return False
+        return self._waiting_since is None or time.monotonic() - self._waiting_since < UNREACHABLE_WARNING_AFTER_S
+
+    @property
     def is_ready(self) -> bool:
         return (
             self._started.is_set()

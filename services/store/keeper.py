@@ -166,8 +166,9 @@ class Keeper:
             queued_after = await self._count_queued()
             reconciled = 0
             if queued_before is None or queued_after is None:
-                log.warning("broker unavailable: the sweep cannot tell which photos lack a message; "
-                            "reconciling waits for the next sweep")
+                log.log(logging.INFO if self.broker.starting else logging.WARNING,
+                        "broker unavailable: the sweep cannot tell which photos lack a message; "
+                        "reconciling waits for the next sweep")
             else:
                 # Photos parked with a marker are not counted as unshipped, so neither are their
                 # messages; those the broker dead-lettered itself (no marker) are.
@@ -196,7 +197,8 @@ class Keeper:
         try:
             depths = await self.broker.queue_depth(*topology.PHOTO_QUEUES)
         except BrokerUnavailable as exc:
-            log.warning("could not count queued photos", extra={"error": str(exc)})
+            if not self.broker.starting:
+                log.warning("could not count queued photos", extra={"error": str(exc)})
             return None
         self.parked_messages = depths.pop(topology.PARKED_QUEUE)
         return sum(depths.values()) + sum(beat.in_flight for beat in self.tap.shippers())
