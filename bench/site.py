@@ -17,7 +17,8 @@ to be sent):
   window) with the default fresh share and with none: the newest photos' lag and
   the backlog, over time.
 
-Writes ``docs/benchmarks-site.json`` and PNG plots beside it.
+Writes ``docs/benchmarks-site.json``, PNG plots beside it and the tables in
+``docs/benchmarks.md`` (between its markers); phases not run keep their results.
 
     python -m bench.site [--minutes 10] [--phases load,lag,burst,headroom,fresh]
 """
@@ -303,6 +304,85 @@ def plot(results: dict[str, Any]) -> None:
         plt.close(fig)
 
 
+# -- the tables in docs/benchmarks.md --------------------------------------------------------
+
+DOC = OUT / "benchmarks.md"
+DOC_START = "<!-- the tables below are written by make bench-site from benchmarks-site.json -->"
+DOC_END = "<!-- end of the tables make bench-site writes -->"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def _percentile_ms(series: list[list[float]], until_s: float, q: float) -> float | None:
+    return pct([ms for t, ms in series if t < until_s], q)
+
+
+def render_tables(results: dict[str, Any]) -> str:
+    """Markdown tables of the results against the goals (the prose around them says why)."""
+    rows = ["| phase | goal | measured |", "| --- | --- | --- |"]
+    if "load" in results:
+        load, report = results["load"], results["load"]["report"]
+        minutes = load["plan"]["duration_s"] / 60
+        rows.append(f"| site load, {minutes:g} min: 1,000 devices x 2/min x 250 KB, mixed, 5 MB/s cap "
+                    f"| 0 failed, 0 `5xx` | {report['sent']:,} sent, {report['accepted']:,} accepted, "
+                    f"{report['failed']:,} failed (never accepted by the end), {load['server_errors']} `5xx` "
+                    f"other than `503`, {report['statuses'].get('503', 0):,} deferrals (`503`) |")
+        growth = load["backlog_growth_bytes_per_s"]
+        rows.append(f"| | backlog growth {load['predicted_growth_bytes_per_s'] / MB:.2f} MB/s | "
+                    f"{growth / MB:.2f} MB/s |" if growth else "| | backlog growth | n/a |")
+        series = load.get("latency_series", [])
+        rows.append(f"| | upload p99 < 100 ms | first 5 min: p50 {_ms(_percentile_ms(series, 300, 0.5))}, "
+                    f"p99 {_ms(_percentile_ms(series, 300, 0.99))}; whole run: p50 {_ms(report['latency_ms']['p50'])}, "
+                    f"p99 {_ms(report['latency_ms']['p99'])} |")
+    if "lag" in results:
+        lag = results["lag"]
+        rows.append(f"| lag under the cap: 1,000 x 1/min (4.2 MB/s) | `201` → S3 p99 < 2 s | "
+                    f"p50 {lag['receipt_to_s3_p50_s']} s, p99 {lag['receipt_to_s3_p99_s']} s; {lag['shipped']:,} of "
+                    f"{lag['accepted']:,} shipped; upload p50 {_ms(lag['upload_latency_ms']['p50'])}, "
+                    f"p99 {_ms(lag['upload_latency_ms']['p99'])} |")
+    if "burst" in results:
+        burst = results["burst"]
+        rows.append(f"| burst: 1,000 devices at the same instant | all accepted, gateway RSS ≤ 300 MB | "
+                    f"{burst['report']['accepted']:,} accepted after {burst['report']['retries']:,} retries in "
+                    f"{burst['accepted_after_s']} s, all in S3 after {burst['all_in_s3_after_s']} s, "
+                    f"{burst['missing']} missing; gateway peak RSS {burst['gateway_peak_rss_mb']:.0f} MB |")
+    if "headroom" in results:
+        steps = "; ".join(f"{s['offered_per_s']}/s: p50 {_ms(s['p50_ms'])}, p99 {_ms(s['p99_ms'])}, "
+                          f"{s['gateway_cpu_share_of_a_core']} core" for s in results["headroom"]["steps"])
+        rows.append(f"| headroom: shipping paused, rising rates | ≥ 10x the site with p99 < 100 ms | {steps}; "
+                    f"held {results['headroom']['multiple_of_site']}x |")
+    parts = ["\n".join(rows)]
+    if "load" in results:
+        resources = ["| part | CPU (share of a core) | peak RSS |", "| --- | --- | --- |"]
+        resources += [f"| {name} | {r['cpu_share_of_a_core']:.2f} | {r['peak_rss_mb']:,.0f} MB |"
+                      for name, r in results["load"]["resources"].items()]
+        parts += ["Resources over the site load:", "\n".join(resources), "![the site's load](bench-site-load.png)"]
+    if "fresh" in results:
+        fresh = ["| fresh share | accepted | shipped | shipped as fresh | receipt → S3, fresh | receipt → S3, all "
+                 "| backlog growth |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for share, run in results["fresh"].items():
+            lags = [lag for _, lag, _ in run["lags"]]
+            steady = [(x["t"], x["backlog_bytes"]) for x in run["samples"] if x["t"] > 30]
+            growth = f"{slope(steady) / MB:.2f} MB/s" if len(steady) > 2 else "n/a"
+            fresh_lag = (f"p50 {run['fresh_lag_p50_s']} s, p99 {run['fresh_lag_p99_s']} s"
+                         if run["fresh_lag_p50_s"] is not None else "none")
+            fresh.append(f"| {share} | {run['accepted']:,} | {run['shipped']:,} | {run['shipped_fresh']:,} | "
+                         f"{fresh_lag} | p50 {pct(lags, 0.5)} s, max {max(lags, default=0)} s | {growth} |")
+        parts += ["The site's day compressed (8.33 MB/s in, 5 MB/s cap, 60 s fresh window):", "\n".join(fresh),
+                  "![fresh photos first](bench-site-fresh.png)"]
+    return "\n\n".join(parts)
+
+
+def update_doc(results: dict[str, Any]) -> None:
+    text = DOC.read_text()
+    start, end = text.index(DOC_START) + len(DOC_START), text.index(DOC_END)
+    DOC.write_text(text[:start] + "\n\n" + render_tables(results) + "\n\n" + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the site-load phase")
@@ -310,10 +390,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT / "benchmarks-site.json")
     args = parser.parse_args()
     phases = args.phases.split(",")
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "command": f"make bench-site (python -m bench.site --minutes {args.minutes:g} --phases {args.phases})",
-    }
+    # Phases run now replace their earlier results; the others are kept.
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform()}
+    results.pop("command", None)
+    results.setdefault("commands", {}).update(
+        {phase: f"python -m bench.site --minutes {args.minutes:g} --phases {phase}" for phase in phases})
     runners = {
         "load": lambda: phase_load(args.minutes),
         "lag": lambda: phase_lag(min(3.0, args.minutes)),
@@ -330,7 +413,9 @@ def main() -> None:
         print(json.dumps(summary, indent=1, default=str)[:3000], flush=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
     plot(results)
-    print(f"wrote {args.out} and the plots beside it")
+    if args.out.parent == OUT:
+        update_doc(results)
+    print(f"wrote {args.out}, the plots beside it and the tables in {DOC}")
 
 
 if __name__ == "__main__":
