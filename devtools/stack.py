@@ -15,6 +15,7 @@ import asyncio
 import io
 import os
 import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -171,8 +172,8 @@ def main() -> None:
                 stack.start_service(name, env, ports[name])
 
         env_file = args.workdir / "env"
-        client_env = _client_env(ports, device_secret, admin_token, remote)
-        env_file.write_text("".join(f"export {k}={v}\n" for k, v in client_env.items()))
+        client_env = _client_env(env, ports)
+        env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in client_env.items()))
         env_file.chmod(0o600)
         _print_welcome(ports, amqp_url, local, remote, env_file)
         while all(s.process and s.process.poll() is None for s in stack.services.values()):
@@ -194,19 +195,17 @@ SAMPLE_UPLOAD = (
 )
 
 
-def _client_env(ports: dict[str, int], device_secret: str, admin_token: str, remote: S3Server) -> dict[str, str]:
-    """What the photoferry command (and curl) need to talk to this stack."""
+# What the photoferry command (and curl) need to talk to this stack, taken from the services' settings.
+CLIENT_SETTINGS = ("PHOTOFERRY_ADMIN_TOKEN", "PHOTOFERRY_DEVICE_SECRET", "PHOTOFERRY_S3_ENDPOINT",
+                   "PHOTOFERRY_S3_BUCKET", "PHOTOFERRY_S3_PREFIX", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_DEFAULT_REGION")
+
+
+def _client_env(env: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
     return {
         "PHOTOFERRY_GATEWAY_URL": f"http://127.0.0.1:{ports['gateway']}",
         "PHOTOFERRY_STORE_URL": f"http://127.0.0.1:{ports['store']}",
-        "PHOTOFERRY_ADMIN_TOKEN": admin_token,
-        "PHOTOFERRY_DEVICE_SECRET": device_secret,
-        "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
-        "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
-        "PHOTOFERRY_S3_PREFIX": REMOTE_PREFIX,
-        "AWS_ACCESS_KEY_ID": remote.access_key,
-        "AWS_SECRET_ACCESS_KEY": remote.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
+        **{name: env[name] for name in CLIENT_SETTINGS},
     }
 
 

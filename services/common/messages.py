@@ -91,4 +91,4 @@ def is_first_publish(headers: Mapping[str, Any] | None) -> bool:
         return False  # the broker moved it between queues (a fresh photo joining the backlog)
     if ORIGIN_HEADER in headers:
         return headers[ORIGIN_HEADER] == UPLOAD
-    return not any(h in headers for h in ("x-death", ATTEMPT_HEADER, *_LEGACY_NOT_FIRST))
+    return not any(h in headers for h in (ATTEMPT_HEADER, *_LEGACY_NOT_FIRST))
