@@ -280,8 +280,13 @@ class Keeper:
         await self._read_disk()
         if self.last_sweep is not None:
             usage = self.usage()
-            if usage.fill >= self.config.high_watermark and not self._sweep_lock.locked():
-                # Evict shipped copies early, to just under the low watermark if they suffice.
+            # Evict shipped copies early, to just under the low watermark if they suffice: above
+            # the high watermark, and for as long as uploads are refused (photos shipped since the
+            # last eviction are evictable too; waiting for the high watermark again would keep
+            # uploads refused between the two watermarks for good).
+            over = usage.fill >= self.config.high_watermark or (
+                not self.admission.open and usage.fill >= self.config.low_watermark)
+            if over and not self._sweep_lock.locked():
                 self._evict_bytes = usage.excess_over(self.config.low_watermark)
                 self.request_sweep()
             await self._decide_admission()
