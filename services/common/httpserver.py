@@ -18,7 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from opentelemetry import propagate, trace
@@ -27,7 +27,6 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from services.common.broker import Broker
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.problems import Problem, json_response, problem_middleware
 from services.common.supervise import Supervisor
@@ -172,7 +171,13 @@ def health_handler(supervisor: Supervisor) -> Any:
     return healthz
 
 
-def readiness_handler(dependencies: Callable[[web.Application], tuple[Broker, LocalStore]], *,
+class BrokerLink(Protocol):
+    """A connection (or connections) to the broker that can say whether it is usable now."""
+
+    def readiness(self) -> str: ...
+
+
+def readiness_handler(dependencies: Callable[[web.Application], tuple[BrokerLink, LocalStore]], *,
                       retry_after: int) -> Any:
     """``GET /readyz``: the broker and the local store can be used now; says which cannot."""
 
@@ -204,7 +209,7 @@ def metrics_handler(registry: CollectorRegistry) -> Any:
 def service_app(
     http: HttpMetrics,
     *,
-    dependencies: Callable[[web.Application], tuple[Broker, LocalStore]],
+    dependencies: Callable[[web.Application], tuple[BrokerLink, LocalStore]],
     retry_after: int,
     middlewares: tuple[Any, ...] = (),
 ) -> web.Application:
