@@ -10,9 +10,10 @@ keeper adds them up for operators.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import orjson
@@ -23,12 +24,16 @@ from services.common.localstore import LocalStore
 from services.common.schedule import RateSchedule
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONTROL_KEY = "state/shipping-control.json"
 # Shippers hear each other's heartbeats to split the cap among the busy ones, so
 # they come often; a replica not heard from for PEER_TTL_S is gone.
 HEARTBEAT_EVERY_S = 1.0
 PEER_TTL_S = 4.0
+# The nudge after a change is a courtesy (shippers re-read the settings every few
+# seconds anyway): an operator's request does not wait long for it.
+NUDGE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class ShippingControl:
     def is_paused(self, now: datetime) -> bool:
         if not self.paused:
             return False
-        return self.paused_until is None or now < datetime.fromisoformat(self.paused_until)
+        return self.paused_until is None or now < _aware(self.paused_until)
 
     def cap(self, schedule: RateSchedule, now: datetime) -> float:
         """The site-wide cap in force, in bytes per second (0 while paused or scheduled off)."""
@@ -63,15 +68,56 @@ class ShippingControl:
 
     @classmethod
     def from_json(cls, body: bytes) -> ShippingControl:
+        """Parse the stored settings; raise ValueError when they are not a JSON object.
+
+        A field no version of the operator API writes is dropped with an error in the log,
+        and the others kept: a pause whose end cannot be read stays a pause (until resumed),
+        so an operator's pause never turns into shipping by accident.
+        """
         data = orjson.loads(body)
+        if not isinstance(data, dict):
+            raise ValueError("the shipping control object is not a JSON object")
         return cls(
-            rate_override=float(data["rate_override"]) if data.get("rate_override") is not None else None,
-            fresh_share_override=(float(data["fresh_share_override"])
-                                  if data.get("fresh_share_override") is not None else None),
-            paused=bool(data.get("paused", False)),
-            paused_until=data.get("paused_until"),
-            updated_at=data.get("updated_at"),
+            rate_override=_field(data, "rate_override", _positive),
+            fresh_share_override=_field(data, "fresh_share_override", _fraction),
+            paused=data.get("paused") is True,
+            paused_until=_field(data, "paused_until", lambda v: _aware(v).isoformat()),
+            updated_at=data.get("updated_at") if isinstance(data.get("updated_at"), str) else None,
         )
+
+
+def _aware(value: object) -> datetime:
+    """An RFC 3339 time with an offset."""
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a time")
+    moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{value!r} has no offset")
+    return moment
+
+
+def _field(data: dict[str, Any], name: str, parse: Callable[[Any], T]) -> T | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except (ValueError, TypeError) as exc:
+        log.error("a field of the shipping control object is unreadable; ignoring it",
+                  extra={"key": CONTROL_KEY, "field": name, "value": str(value)[:80], "error": str(exc)})
+        return None
+
+
+def _positive(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"{value!r} is not a positive number of bytes per second")
+    return float(value)
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{value!r} is not a fraction between 0 and 1")
+    return float(value)
 
 
 async def read_control(store: LocalStore) -> ShippingControl:
@@ -82,7 +128,8 @@ async def read_control(store: LocalStore) -> ShippingControl:
     try:
         return ShippingControl.from_json(body)
     except (ValueError, KeyError, TypeError) as exc:
-        log.error("shipping control object is unreadable; using defaults", extra={"error": str(exc)})
+        log.error("the shipping control object is unreadable; using the configured rate and schedule until an "
+                  "operator sets them again", extra={"key": CONTROL_KEY, "error": str(exc)})
         return ShippingControl()
 
 
@@ -98,7 +145,7 @@ async def write_control(store: LocalStore, broker: Broker, control: ShippingCont
     await store.put(CONTROL_KEY, stamped.to_json(), metadata={"Content-Type": "application/json"})
     try:
         await broker.publish(
-            topology.CONTROL_EXCHANGE, "", aio_pika.Message(b"reload", expiration=60), timeout=5,
+            topology.CONTROL_EXCHANGE, "", aio_pika.Message(b"reload", expiration=60), timeout=NUDGE_TIMEOUT_S,
             mandatory=False,
         )
     except BrokerUnavailable as exc:
