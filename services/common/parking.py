@@ -9,6 +9,7 @@ limit) arrive on the parking queue without a marker; replay takes them too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ import orjson
 
 from services.common import messages, photos, topology
 from services.common.broker import Broker, BrokerUnavailable, bounded
-from services.common.localstore import LocalStore
+from services.common.localstore import LocalStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,35 +65,64 @@ async def list_parked(store: LocalStore, *, limit: int = 1000) -> list[ParkedPho
 
 
 async def replay(broker: Broker, store: LocalStore) -> int:
-    """Send every parked message back to the shipping queue; return how many.
+    """Send the photos parked now back to the shipping queue; return how many.
 
-    Markers left without a message (the parking queue was purged) are removed too:
-    their photos are then unshipped photos without a message, which the store
-    keeper's reconciler queues again at its next sweep.
+    Only the messages on the parking queue when the replay starts are taken: a photo
+    that parks again at once waits for the next replay instead of looping. Markers
+    that were there at the start and have no message (the parking queue was purged)
+    are removed too: their photos are then unshipped photos without a message, which
+    the store keeper's reconciler queues again at its next sweep.
     """
     if broker.declared is None or not broker.is_ready:
         raise BrokerUnavailable(f"broker {broker.readiness()}")
+    started = datetime.now(UTC)
+    markers = [item["path"] async for page in store.list(photos.PARKED_PREFIX) for item in page]
+    parked_now = (await broker.queue_depth(topology.PARKED_QUEUE))[topology.PARKED_QUEUE]
     queue = broker.declared.queues[topology.PARKED_QUEUE]
-    replayed = 0
-    while (message := await bounded(queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S),
-                                    "taking a parked message", timeout=PUBLISH_TIMEOUT_S * 2)) is not None:
+    replayed: set[str] = set()
+    count = 0
+    for _ in range(parked_now):
+        message = await bounded(queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT_S),
+                                "taking a parked message", timeout=PUBLISH_TIMEOUT_S * 2)
+        if message is None:
+            break
         # A new message: its attempts and the broker's delivery count start again.
         fresh = messages.shipping_message(message.body, origin=messages.REPLAY)
         try:
             await broker.publish(topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY, fresh,
                                  timeout=PUBLISH_TIMEOUT_S)
         except BrokerUnavailable:
-            await bounded(message.nack(requeue=True), "returning a parked message")
+            with contextlib.suppress(BrokerUnavailable):
+                await bounded(message.nack(requeue=True), "returning a parked message")
             raise
         try:
             photo_id = photos.PhotoMessage.from_json(message.body).id
         except ValueError:
             photo_id = None
-        if photo_id is not None:
-            await store.delete(photos.parked_marker_key(photo_id))
-        await bounded(message.ack(), "acknowledging a replayed message")
-        replayed += 1
-    leftover = [item["path"] async for page in store.list(photos.PARKED_PREFIX) for item in page]
+        try:
+            if photo_id is not None:
+                replayed.add(photo_id)
+                await store.delete(photos.parked_marker_key(photo_id))
+        except StoreUnavailable as exc:
+            log.warning("a replayed photo's parked marker could not be removed; it is listed until the next replay",
+                        extra={"photo_id": photo_id, "error": str(exc)})
+        finally:
+            # Once its copy is on the shipping queue the parked message is done with, whatever else failed.
+            await bounded(message.ack(), "acknowledging a replayed message")
+        count += 1
+    leftover = [key for key in markers if key.rsplit("/", 1)[-1] not in replayed
+                and await _parked_before(store, key, started)]
     await store.delete_many(leftover)
-    log.info("parked photos replayed", extra={"count": replayed, "markers_without_message": len(leftover)})
-    return replayed
+    log.info("parked photos replayed", extra={"count": count, "markers_without_message": len(leftover)})
+    return count
+
+
+async def _parked_before(store: LocalStore, key: str, moment: datetime) -> bool:
+    """Whether the marker at ``key`` is still the one written before ``moment`` (not a new parking)."""
+    body = await store.read(key)
+    if body is None:
+        return False
+    try:
+        return datetime.fromisoformat(orjson.loads(body)["parked_at"]) < moment
+    except (ValueError, TypeError, KeyError):
+        return True  # unreadable: nothing would ever read it
