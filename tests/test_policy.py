@@ -6,8 +6,7 @@ import pytest
 
 from services.common.broker import BrokerUnavailable
 from services.common.localstore import StoreUnavailable
-from services.shipper.policy import Action, DeliveredTooOften, Malformed, decide
-from services.shipper.transfer import (
+from services.shipper.failures import (
     Aborted,
     LocalCorrupt,
     LocalMissing,
@@ -16,6 +15,7 @@ from services.shipper.transfer import (
     Systemic,
     Transient,
 )
+from services.shipper.policy import Action, DeliveredTooOften, Malformed, decide
 
 MAX = 8
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from services.common.errors import DependencyUnavailable
-from services.shipper.transfer import (
+from services.shipper.failures import (
     Aborted,
     LocalCorrupt,
     LocalMissing,

@@ -10,11 +10,13 @@ part carries its own checksum, and S3's composite is compared after completing.
 
 One request to the remote in the common case: a PUT with ``If-None-Match: *``,
 which S3 refuses (412) when the key exists; only then is what is there compared
-by its SHA-256 (a HEAD). Memory per upload is the photo (16 MiB at most).
+with the photo (a HEAD). That comparison trusts only what S3 computed itself
+(its SHA-256 checksum, else its MD5 ETag), never the ``sha256`` metadata we
+write with the upload: an upload that went wrong carries that metadata too.
+Memory per upload is the photo (16 MiB at most).
 
-Failures are sorted for the caller: ``Systemic`` (the remote takes nothing now:
-credentials, bucket, reachability), ``Transient`` (this attempt failed; another
-may not), ``Rejected`` (the remote refuses this object), and the local ones.
+Failures are sorted for the caller (``failures``): ``Systemic``, ``Transient``,
+``Rejected`` and the local ones.
 """
 
 from __future__ import annotations
@@ -28,20 +30,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from botocore.client import BaseClient
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ProxyConnectionError,
-    ReadTimeoutError,
-    SSLError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.photos import PhotoMessage
+from services.shipper.failures import (
+    Aborted,
+    LocalCorrupt,
+    LocalMissing,
+    LocalUnavailable,
+    TransferError,
+    Transient,
+    classify,
+)
 from services.shipper.limiter import Pace, RateLimiter
 
 log = logging.getLogger(__name__)
@@ -50,77 +51,6 @@ log = logging.getLogger(__name__)
 REQUEST_OVERHEAD_BYTES = 800
 # What a single PUT came to.
 UPLOADED, EXISTS, UNSUPPORTED = "uploaded", "exists", "unsupported"
-
-_SYSTEMIC_CODES = {
-    "AccessDenied", "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed",
-    "ExpiredToken", "InvalidAccessKeyId", "InvalidBucketName", "InvalidToken", "NoSuchBucket",
-    "PermanentRedirect", "SignatureDoesNotMatch", "TokenRefreshRequired", "301", "403",
-}
-_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "503", "ServiceUnavailable"}
-_SYSTEMIC_EXCEPTIONS = (
-    EndpointConnectionError, ConnectTimeoutError, NoCredentialsError, PartialCredentialsError,
-    ProxyConnectionError, SSLError,
-)
-
-
-class TransferError(Exception):
-    """Why a photo did not reach S3 this time."""
-
-
-class Systemic(TransferError):
-    """The remote cannot take anything now; every photo would fail the same way."""
-
-
-class Transient(TransferError):
-    """This attempt failed; a later one may succeed."""
-
-    def __init__(self, message: str, *, throttled: bool = False) -> None:
-        super().__init__(message)
-        self.throttled = throttled
-
-
-class Rejected(TransferError):
-    """The remote refuses this object (an object-specific 4xx)."""
-
-
-class LocalMissing(TransferError):
-    """The local store has no object for this photo."""
-
-
-class LocalCorrupt(TransferError):
-    """The local object's size or SHA-256 disagrees with the message."""
-
-
-class LocalUnavailable(TransferError):
-    """The local store could not be read."""
-
-
-class Aborted(TransferError):
-    """The shipper is stopping and gave up on this upload; its message is redelivered."""
-
-
-def classify(exc: Exception) -> TransferError:
-    """Sort a boto3/botocore failure talking to the remote."""
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-        message = f"{code or status}: {error.get('Message', '')}".strip()
-        if code in _SYSTEMIC_CODES or status in (301, 403):
-            return Systemic(message)
-        if code in _THROTTLE_CODES or status == 503:
-            return Transient(message, throttled=True)
-        if status >= 500 or status == 0:
-            return Transient(message)
-        if code in ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"):
-            return Transient(f"the bytes S3 received did not match their checksum ({message})")
-        return Rejected(message)
-    if isinstance(exc, _SYSTEMIC_EXCEPTIONS):
-        return Systemic(f"remote unreachable: {exc}")
-    if isinstance(exc, ReadTimeoutError):
-        return Transient(f"remote too slow: {exc}", throttled=True)
-    return Transient(f"{type(exc).__name__}: {exc}")
-
 
 def b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
@@ -229,7 +159,7 @@ class Transfer:
         key = self.remote_key(job.key)
         data, metadata = self._read_local(job)
         if job.size > self._threshold:
-            if self._remote_sha256(key, pace) == job.sha256:
+            if self._remote_holds(key, job, data, pace):
                 return Shipment(key, uploaded=False, body_bytes=0)
             self._multipart(job, key, data, metadata, pace)
             return Shipment(key, uploaded=True, body_bytes=job.size)
@@ -237,7 +167,7 @@ class Transfer:
             outcome = self._single(job, key, data, metadata, pace, if_absent=True)
             if outcome == UPLOADED:
                 return Shipment(key, uploaded=True, body_bytes=job.size)
-        if self._remote_sha256(key, pace) == job.sha256:
+        if self._remote_holds(key, job, data, pace):
             return Shipment(key, uploaded=False, body_bytes=0)
         # Nothing there, or something else (never this photo's bytes): put it in place.
         self._single(job, key, data, metadata, pace, if_absent=False)
@@ -261,24 +191,42 @@ class Transfer:
         metadata["sha256"] = job.sha256
         return memoryview(data), metadata
 
-    def _remote_sha256(self, key: str, pace: Pace) -> str | None:
-        """The SHA-256 (hex) of what S3 holds at ``key``, or None when nothing is there."""
+    def _remote_holds(self, key: str, job: PhotoMessage, data: memoryview, pace: Pace) -> bool:
+        """Whether S3 holds exactly this photo at ``key``, by the checksums S3 computed itself.
+
+        Its SHA-256 checksum when it has one (whole, or the composite of parts), else its
+        ETag (the MD5 of a single-part object, or of the parts' MD5s). The parts are assumed
+        to be ours in size; anything that cannot be matched counts as not this photo, so it
+        is uploaded again rather than trusted.
+        """
         pace.acquire(REQUEST_OVERHEAD_BYTES)
         try:
             head = self._remote.head_object(Bucket=self.remote_bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
+                return False
             raise classify(exc) from None
         except BotoCoreError as exc:
             raise classify(exc) from None
-        metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
-        if "sha256" in metadata:
-            return str(metadata["sha256"])
+        if head.get("ContentLength") not in (None, job.size):
+            return False
         checksum = head.get("ChecksumSHA256")
-        if checksum and "-" not in checksum:
-            return base64.b64decode(checksum).hex()
-        return ""  # something is there, of unknown content: upload again
+        if checksum:
+            whole, _, parts = checksum.partition("-")
+            if not parts:
+                return base64.b64decode(whole).hex() == job.sha256
+            return checksum == self._composite(data, hashlib.sha256, encode=b64)
+        etag = str(head.get("ETag", "")).strip('"')
+        if "-" in etag:
+            return etag == self._composite(data, hashlib.md5, encode=bytes.hex)
+        return bool(etag) and etag == hashlib.md5(data).hexdigest()
+
+    def _composite(self, data: memoryview, algorithm: Any, *, encode: Any) -> str:
+        """S3's checksum of a multipart object uploaded in parts of our size: the digest of the
+        parts' digests, then "-" and the number of parts."""
+        digests = [algorithm(data[start:start + self._part_size]).digest()
+                   for start in range(0, len(data), self._part_size)]
+        return f"{encode(algorithm(b''.join(digests)).digest())}-{len(digests)}"
 
     def _single(self, job: PhotoMessage, key: str, data: memoryview, metadata: dict[str, str], pace: Pace, *,
                 if_absent: bool) -> str:
