@@ -62,12 +62,12 @@ def test_an_unforeseen_exception_is_parked_after_its_attempts_not_left_unacknowl
     async def scenario() -> int:
         shipper = build_shipper(config, ShipperMetrics())
         buggy = BuggyTransfer(shipper.transfer)
-        shipper.transfer = buggy  # type: ignore[assignment]
+        shipper.transfer = shipper.handler.transfer = buggy  # type: ignore[assignment]
         supervisor = Supervisor(CollectorRegistry())
-        shipper.broker.start(supervisor)
+        shipper.connect(supervisor)
         shipper.start(supervisor)
         try:
-            await asyncio.wait_for(shipper.broker.connected(), 20)
+            await asyncio.wait_for(shipper.connected(), 20)
             publisher = Broker(site.amqp_url, name="test-publisher")
             publisher.start()
             await asyncio.wait_for(publisher.connected(), 20)
@@ -81,7 +81,7 @@ def test_an_unforeseen_exception_is_parked_after_its_attempts_not_left_unacknowl
         finally:
             await shipper.stop()
             await supervisor.stop()
-            await shipper.broker.close()
+            await shipper.disconnect()
         return buggy.calls
 
     assert asyncio.run(scenario()) == 1

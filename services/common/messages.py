@@ -36,6 +36,8 @@ PARKED = "parked"  # the shipper gave up on it (the parking queue)
 REPLAY = "replay"  # an operator sent parked photos back
 RECONCILE = "reconcile"  # the store keeper found a stored photo without a message
 DEMOTED = "demoted"  # a shipper held a fresh photo past its window and moved it to the backlog
+GIVEN_BACK = "given-back"  # a shipper gave back a delivery it had not started (a stop, a pause, a gated lane)
+REDELIVERED = "redelivered"  # likewise, but an earlier delivery may have shipped it (check S3 first)
 
 MAX_ERROR_CHARS = 500
 

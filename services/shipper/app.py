@@ -14,9 +14,9 @@ from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
 from services.common.s3 import s3_client
 from services.common.service import run_service
-from services.shipper.consumer import Shipper
 from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
+from services.shipper.shipper import Shipper
 from services.shipper.transfer import Transfer
 
 SHIPPER = web.AppKey("shipper", Shipper)
@@ -34,15 +34,16 @@ def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
                         remote_bucket=config.remote.bucket, prefix=config.remote.prefix, limiter=limiter,
                         multipart_threshold=config.multipart_threshold, part_size=config.part_size)
     replica = f"{socket.gethostname()}-{os.getpid()}"
-    broker = Broker(config.amqp_url, name=f"photoferry-shipper@{replica}")
-    shipper = Shipper(config, broker=broker, store=local, transfer=transfer, metrics=metrics, replica=replica)
-    broker.on_ready = shipper.on_broker_ready
-    return shipper
+    # Publishing and consuming on separate connections: a resource alarm blocks the first only.
+    publisher = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (publishing)")
+    consumer = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (consuming)", confirms=False)
+    return Shipper(config, publisher=publisher, consumer=consumer, store=local, transfer=transfer,
+                   metrics=metrics, replica=replica)
 
 
 def create_app(config: ShipperConfig) -> web.Application:
     metrics = ShipperMetrics()
-    app = service_app(metrics.http, dependencies=lambda app: (app[SHIPPER].broker, app[SHIPPER].store),
+    app = service_app(metrics.http, dependencies=lambda app: (app[SHIPPER], app[SHIPPER].store),
                       retry_after=5)
     app[SHIPPER] = build_shipper(config, metrics)
     app.cleanup_ctx.append(_shipping)
@@ -53,12 +54,12 @@ def create_app(config: ShipperConfig) -> web.Application:
 async def _shipping(app: web.Application) -> AsyncIterator[None]:
     shipper = app[SHIPPER]
     supervisor = app[SUPERVISOR]
-    shipper.broker.start(supervisor)
+    shipper.connect(supervisor)
     shipper.start(supervisor)
     yield
     await shipper.stop()
     await supervisor.stop()
-    await shipper.broker.close()
+    await shipper.disconnect()
 
 
 async def status(request: web.Request) -> web.Response:

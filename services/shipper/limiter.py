@@ -39,6 +39,8 @@ class RateLimiter:
         self._sleep = sleep
         self._updated = clock()
         self.granted = 0  # bytes let through since start
+        self._running = threading.Event()  # cleared while readers must hold still
+        self._running.set()
 
     @property
     def rate(self) -> float:
@@ -56,8 +58,16 @@ class RateLimiter:
         """How many bytes a reader should take at once: about 10 ms of the rate, 1-64 KiB."""
         return int(min(65536, max(1024, self._rate * 0.01)))
 
+    def suspend(self) -> None:
+        """Hold every reader still (at its next piece) until ``resume``."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
     def acquire(self, nbytes: int) -> None:
         """Block until ``nbytes`` may be sent."""
+        self._running.wait()
         with self._lock:
             self._refill()
             self._tokens -= nbytes
