@@ -195,6 +195,23 @@ class RabbitNode:
             subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"],
                            capture_output=True, timeout=10, check=False)
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl`` against this node; return what it printed."""
+        done = subprocess.run([str(RABBITMQCTL), "-n", self.nodename, *args], env=self._env(),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        return done.stdout
+
+    def set_disk_alarm(self, on: bool) -> None:
+        """Raise the broker's disk alarm (a free-disk limit above any disk), or clear it again."""
+        self.ctl("set_disk_free_limit", "100000GB" if on else "1MB")
+
+    def disk_alarm(self) -> bool:
+        """Whether the node's disk alarm is on now."""
+        nodes = self.management("GET", "nodes")
+        return any(node.get("disk_free_alarm") for node in nodes)  # type: ignore[union-attr]
+
     def add_vhost(self, vhost: str) -> None:
         """Create a virtual host this node's user may use fully (isolates one test module)."""
         quoted = urllib.parse.quote(vhost, safe="")

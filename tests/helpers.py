@@ -16,7 +16,7 @@ import orjson
 import requests
 from botocore.client import BaseClient
 
-from devtools.servers import RabbitNode, S3Server
+from devtools.servers import RabbitNode, S3Server, wait_until
 from services.common import topology
 from services.common.broker import Broker
 from services.common.config import StoreSettings
@@ -89,6 +89,17 @@ class Site:
         """Take every message now on ``queues`` (both shipping queues, fresh and backlog, by default)."""
         return [message for queue in (queues or (topology.FRESH_QUEUE, topology.SHIP_QUEUE))
                 for message in drain_queue(self.amqp_url, queue)]
+
+    def queue_figure(self, queue: str, figure: str = "messages") -> int:
+        """One figure of a queue (``messages``, ``messages_ready``, ...), once the broker has computed it."""
+        found: dict[str, Any] = {}
+
+        def computed() -> bool:
+            found.update(self.rabbit.management("GET", f"queues/{self.name}/{queue}"))  # type: ignore[arg-type]
+            return figure in found
+
+        wait_until(computed, timeout=10, what=f"the figures of {queue}")
+        return int(found[figure])
 
     def shipping_messages(self, figure: str = "messages") -> int:
         """Messages on both shipping queues (``messages``, ``messages_ready``, ``messages_unacknowledged``)."""

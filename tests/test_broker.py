@@ -10,7 +10,7 @@ import pytest
 
 from devtools.servers import free_port
 from services.common import topology
-from services.common.broker import Broker, BrokerUnavailable
+from services.common.broker import Broker, BrokerBlocked, BrokerUnavailable
 from tests.helpers import Site
 
 pytestmark = pytest.mark.servers
@@ -100,3 +100,69 @@ def test_the_fresh_queue_keeps_the_newest_photos_and_moves_the_oldest_to_the_bac
     fresh, moved = asyncio.run(scenario())
     assert fresh == topology.FRESH_QUEUE_MAX_PHOTOS
     assert moved == [str(n) for n in range(extra)]  # the oldest, in order
+
+
+@pytest.mark.parametrize(("wrong", "words"), [
+    ("password", "user name or password"),
+    ("vhost", "virtual host"),
+])
+def test_a_broker_that_refuses_the_service_says_why(site: Site, wrong: str, words: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    url = (site.amqp_url.replace(f":{site.rabbit.password}@", ":not-the-password@") if wrong == "password"
+           else site.amqp_url + "-no-such-vhost")
+
+    async def scenario() -> str:
+        broker = Broker(url, name="test-refused")
+        broker.start()
+        try:
+            async with asyncio.timeout(20):
+                while words not in broker.readiness():  # noqa: ASYNC110 (polls the broker's own state)
+                    await asyncio.sleep(0.1)
+            return broker.readiness()
+        finally:
+            await broker.close()
+
+    caplog.set_level("ERROR", logger="services.common.broker")
+    assert "PHOTOFERRY_AMQP_URL" in asyncio.run(scenario())
+    assert any(words in record.getMessage() and record.levelname == "ERROR" for record in caplog.records)
+
+
+def test_under_a_resource_alarm_a_publish_fails_at_once_and_a_consuming_connection_is_not_blocked(
+    site: Site,
+) -> None:
+    async def scenario() -> None:
+        publisher = Broker(site.amqp_url, name="test-alarm-publish")
+        consumer = Broker(site.amqp_url, name="test-alarm-consume", confirms=False)
+        publisher.start()
+        consumer.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(publisher.connected(), consumer.connected()), 20)
+            message = aio_pika.Message(b"{}", expiration=60)
+            await publisher.publish(topology.STATUS_EXCHANGE, "", message, timeout=5, mandatory=False)
+            await asyncio.to_thread(site.rabbit.set_disk_alarm, True)
+            try:
+                started = time.monotonic()
+                with pytest.raises(BrokerBlocked, match="resource alarm"):
+                    await publisher.publish(topology.STATUS_EXCHANGE, "", message, timeout=10, mandatory=False)
+                assert time.monotonic() - started < 3
+                assert publisher.blocked and not consumer.blocked
+                # Blocked now: the next one fails without waiting at all.
+                started = time.monotonic()
+                with pytest.raises(BrokerBlocked):
+                    await publisher.publish(topology.STATUS_EXCHANGE, "", message, timeout=10, mandatory=False)
+                assert time.monotonic() - started < 0.5
+                # The consuming connection still talks to the broker.
+                assert topology.SHIP_QUEUE in await consumer.queue_depth(topology.SHIP_QUEUE)
+            finally:
+                await asyncio.to_thread(site.rabbit.set_disk_alarm, False)
+            async with asyncio.timeout(20):
+                while publisher.blocked:  # noqa: ASYNC110 (the broker says so in its own time)
+                    await asyncio.sleep(0.1)
+            await publisher.publish(topology.STATUS_EXCHANGE, "", message, timeout=5, mandatory=False)
+            with pytest.raises(RuntimeError, match="consuming"):
+                await consumer.publish(topology.STATUS_EXCHANGE, "", message, timeout=5)
+        finally:
+            await publisher.close()
+            await consumer.close()
+
+    asyncio.run(scenario())

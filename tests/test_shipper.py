@@ -125,6 +125,44 @@ def test_a_duplicate_message_uploads_nothing(gateway: ServiceProcess, shipper: S
     assert remote_sha256(site, photo_id) == expected[photo_id]
 
 
+def test_an_object_in_s3_that_only_claims_to_be_the_photo_is_replaced(shipper: ServiceProcess, site: Site) -> None:
+    image = jpeg(120_000)
+    sha = hashlib.sha256(image).hexdigest()
+    photo_id = photos.photo_id("cam-claims", datetime(2026, 1, 3, tzinfo=UTC), sha)
+    key = photos.object_key(photo_id)
+    site.local_client().put_object(Bucket=site.store_bucket, Key=key, Body=image, ContentType="image/jpeg",
+                                   Metadata={"sha256": sha, "device-id": "cam-claims"})
+    # What an upload that went wrong could leave: other bytes, under the metadata written with it.
+    site.remote_client().put_object(Bucket=site.remote_bucket, Key=PREFIX + key, Body=jpeg(120_000),
+                                    Metadata={"sha256": sha})
+    message = photos.PhotoMessage(
+        id=photo_id, key=key, size=len(image), sha256=sha, content_type="image/jpeg", device_id="cam-claims",
+        captured_at="2026-01-03T00:00:00.000000Z", received_at="2026-01-03T00:00:00.000000Z",
+    )
+    publish(site, message.to_json())  # a copy that may have shipped before: S3 is asked first
+    wait_until(lambda: _marked(site, photo_id), timeout=30, what="the photo handled")
+    assert remote_sha256(site, photo_id) == sha
+
+
+def test_a_multipart_photo_in_s3_is_recognised_by_its_checksum_and_not_sent_again(
+    gateway: ServiceProcess, shipper: ServiceProcess, site: Site, proxy: CountingProxy
+) -> None:
+    expected = upload_many(gateway.url, 1, device="cam-big-dup", size=9 * 2**20)
+    wait_all_shipped(site, expected)
+    photo_id = next(iter(expected))
+    site.local_client().delete_object(Bucket=site.store_bucket, Key=photos.shipped_marker_key(photo_id))
+    stored = site.local_client().head_object(Bucket=site.store_bucket, Key=photos.object_key(photo_id))
+    message = photos.PhotoMessage(
+        id=photo_id, key=photos.object_key(photo_id), size=stored["ContentLength"], sha256=expected[photo_id],
+        content_type="image/jpeg", device_id="cam-big-dup", captured_at="2026-01-01T00:00:00.000000Z",
+        received_at="2026-01-01T00:00:00.000000Z",
+    )
+    sent_before = proxy.total()
+    publish(site, message.to_json())
+    wait_until(lambda: _marked(site, photo_id) and _queue_empty(site), timeout=30, what="the copy handled")
+    assert proxy.total() - sent_before < 10_000, "a multipart photo already in S3 was uploaded again"
+
+
 def test_a_device_retrying_a_queued_photo_gets_it_uploaded_once(gateway: ServiceProcess, shipper: ServiceProcess,
                                                                 site: Site, proxy: CountingProxy) -> None:
     # Each retry of a photo not yet shipped queues it again; the copies arrive together.

@@ -61,5 +61,10 @@ class ShipperMetrics:
         self.link_limited = Gauge(
             "photoferry_shipper_link_limited", "1 while the link, not the cap, limits egress", registry=r
         )
+        self.publishing_blocked = Gauge(
+            "photoferry_shipper_publishing_blocked",
+            "1 while the broker blocks this replica's publishing (a resource alarm); shipping goes on",
+            registry=r,
+        )
         self.concurrency = Gauge("photoferry_shipper_concurrency", "Uploads allowed at once", registry=r)
         self.in_flight = Gauge("photoferry_shipper_in_flight", "Shipments being handled now", registry=r)

@@ -77,6 +77,9 @@ class Peers:
         await self._beat()
 
     async def _beat(self) -> None:
+        if not self._publisher.is_ready:
+            self._on_change()  # the broker is away: this replica may be cut off from the others now
+            return
         beat = self._heartbeat()
         message = aio_pika.Message(beat.to_json(), content_type="application/json",
                                    expiration=int(HEARTBEAT_EVERY_S * 6))
@@ -97,7 +100,7 @@ class Peers:
 
     async def _notify_shipped(self) -> None:
         """One notice for the photos marked shipped since the last (lost ones: the keeper's sweep corrects)."""
-        if self._pacing.blocked:
+        if self._pacing.blocked or not self._publisher.is_ready:
             return
         batch = self._accounting.take_shipped(SHIPPED_BATCH)
         if not batch:

@@ -389,6 +389,7 @@ class Shipper:
         m.share.set(self.pacing.share)
         m.fresh_share.set(self.fresh_share)
         m.breaker_open.set(1 if self.breaker.open else 0)
+        m.publishing_blocked.set(1 if self.pacing.blocked else 0)
         m.link_limited.set(1 if any(lane.concurrency.link_limited for lane in self.lanes.values()) else 0)
         m.concurrency.set(sum(lane.concurrency.limit for lane in self.lanes.values()))
         m.in_flight.set(len(self.handler.in_flight))

@@ -212,21 +212,23 @@ class Transfer:
             return False
         checksum = head.get("ChecksumSHA256")
         if checksum:
-            whole, _, parts = checksum.partition("-")
-            if not parts:
-                return base64.b64decode(whole).hex() == job.sha256
-            return checksum == self._composite(data, hashlib.sha256, encode=b64)
+            # A whole object's SHA-256; or, uploaded in parts, the SHA-256 of the parts' ones
+            # (S3 adds "-<parts>", some S3-protocol servers do not).
+            digest = checksum.split("-", 1)[0]
+            if base64.b64decode(digest).hex() == job.sha256:
+                return True
+            return job.size > self._threshold and digest == self._composite(data, hashlib.sha256, encode=b64)
         etag = str(head.get("ETag", "")).strip('"')
         if "-" in etag:
-            return etag == self._composite(data, hashlib.md5, encode=bytes.hex)
+            return etag.split("-", 1)[0] == self._composite(data, hashlib.md5, encode=bytes.hex)
         return bool(etag) and etag == hashlib.md5(data).hexdigest()
 
     def _composite(self, data: memoryview, algorithm: Any, *, encode: Any) -> str:
         """S3's checksum of a multipart object uploaded in parts of our size: the digest of the
-        parts' digests, then "-" and the number of parts."""
+        parts' digests."""
         digests = [algorithm(data[start:start + self._part_size]).digest()
                    for start in range(0, len(data), self._part_size)]
-        return f"{encode(algorithm(b''.join(digests)).digest())}-{len(digests)}"
+        return str(encode(algorithm(b"".join(digests)).digest()))
 
     def _single(self, job: PhotoMessage, key: str, data: memoryview, metadata: dict[str, str], pace: Pace, *,
                 if_absent: bool) -> str:
