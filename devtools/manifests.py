@@ -38,8 +38,10 @@ def kubectl() -> str:
 
 
 def render(folder: str | Path) -> list[Document]:
-    """``kubectl kustomize`` a folder (relative to deploy/k3s, or absolute)."""
-    path = Path(folder) if Path(folder).is_absolute() else K3S / folder
+    """``kubectl kustomize`` a folder: absolute, or relative to deploy/k3s or to the repository."""
+    path = Path(folder)
+    if not path.is_absolute():
+        path = REPO / path if (REPO / path / "kustomization.yaml").exists() else K3S / path
     out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=True,
                          timeout=60).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
