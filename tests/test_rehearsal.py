@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.rehearsal import STAND_INS, Rehearsal, RehearsalFailed, netns_list
+from devtools.rehearsal import STAND_INS, Rehearsal, RehearsalFailed, netns_list, netns_pids
 from devtools.servers import RABBITMQ_SERVER, REPO, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root: network namespaces and mounts")
@@ -31,14 +31,23 @@ READY_WITHIN_S = 90.0  # a kubelet would be done in well under that on a quiet n
 SAMPLE = REPO / "devtools" / "sample.jpg"
 
 
-def leftovers(site: Rehearsal) -> list[str]:
-    """What a rehearsal made that is still there."""
+def processes(site: Rehearsal) -> set[int]:
+    """Every process now running in the rehearsal's network namespaces (epmd and stand-ins included)."""
+    return {pid for name in site.namespaces for pid in netns_pids(name)}
+
+
+def leftovers(site: Rehearsal, seen: set[int]) -> list[str]:
+    """What a rehearsal made that is still there, of the namespaces and of the processes ``seen`` in them."""
     left = [f"netns {name}" for name in netns_list() if name.startswith(f"{site.run_id}-")]
     left += [f"/etc/netns/{name}" for name in site.namespaces if (Path("/etc/netns") / name).exists()]
-    for pod in site.pods:
-        for state in pod.containers:
-            if state.process is not None and state.process.poll() is None:
-                left.append(f"process {pod.name}/{state.name}")
+    for pid in sorted(seen):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except FileNotFoundError:
+            continue
+        if state != "Z":  # a zombie has ended; only its parent's wait is missing
+            left.append(f"process {pid}: {command}")
     return left
 
 
@@ -85,7 +94,9 @@ def test_the_site_example_comes_up_and_ships_a_photo_through_the_gateway_service
         while time.monotonic() < settle:
             assert gateway.ready, f"the gateway left its Service during the broker outage\n{site.report()}"
             time.sleep(0.5)
-    assert leftovers(site) == []
+        seen = processes(site)
+        assert len(seen) > len(site.pods), "the rehearsal's own processes are where it looks for them"
+    assert leftovers(site, seen) == []
 
 
 def test_a_rehearsal_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -99,8 +110,11 @@ def test_a_rehearsal_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
         "      - op: replace\n        path: /spec/template/spec/containers/0/readinessProbe/httpGet/port\n"
         "        value: 9\n")
     site = Rehearsal(folder, workdir=tmp_path / "work")
+    seen: set[int] = set()
     with pytest.raises(RehearsalFailed, match="jaeger-0"), site:
         site.start()
-        assert site.namespaces, "the rehearsal made its namespaces"
+        wait_until(lambda: site.pod("jaeger-0").containers[0].process is not None, timeout=10, what="jaeger-0")
+        seen = processes(site)
+        assert seen, "the rehearsal runs processes in its namespaces"
         site.wait_ready(8)
-    assert leftovers(site) == []
+    assert leftovers(site, seen) == []
