@@ -81,6 +81,14 @@ def start(specfile: Path) -> None:
         _mount("--bind", mount["source"], str(target))
         if mount["readonly"]:
             _mount("-o", "remount,bind,ro", str(target))
+    # What runs here (this checkout, its interpreter) must stay visible where a pod's volume covers it
+    # (a checkout under /tmp, where MinIO and RabbitMQ mount an emptyDir).
+    for path in spec["keep"]:
+        if any(path == m["target"] or path.startswith(m["target"].rstrip("/") + "/") for m in spec["mounts"]):
+            target = Path(f"{root}{path}")
+            target.mkdir(parents=True, exist_ok=True)
+            _mount("--bind", path, str(target))
+            _mount("-o", "remount,bind,ro", str(target))
     for system in ("/proc", "/dev", "/sys"):
         _mount("--rbind", system, f"{root}{system}")
     if spec["read_only_root"]:

@@ -559,6 +559,7 @@ class Rehearsal:
                     "clear": stand_in.get("clear", []),
                     "traversable": [str(p) for p in stand_in.get("traversable", [])],
                     "mounts": mounts,
+                    "keep": sorted({str(REPO), sys.prefix, sys.base_prefix}),
                     "read_only_root": bool(context.get("readOnlyRootFilesystem", False)),
                     "user": user,
                     "group": context.get("runAsGroup", stand_in.get("group", 0)),
