@@ -24,6 +24,7 @@ test: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	./devtools/system-deps.sh chromium
 	./devtools/system-deps.sh promtool
+	./devtools/system-deps.sh iproute2
 	$(BIN)/python -m pytest
 
 ## chaos: rounds of random faults under load, each followed by a ledger (about 5 minutes a round)

@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from waitress import serve
+
+
+def serve_s3(host: str, port: int, wrap: Callable[[Any], Any] | None = None) -> None:
+    """Serve moto's S3 on ``host:port`` (``wrap`` may put another WSGI layer in front)."""
+    app = DomainDispatcherApplication(create_backend_app)
+    # Large photos and many concurrent uploads: raise waitress's small defaults.
+    serve(app if wrap is None else wrap(app), host=host, port=port,
+          threads=32, connection_limit=512, max_request_body_size=1 << 31, ident="moto")
 
 
 def main() -> None:
@@ -23,9 +33,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    # Large photos and many concurrent uploads: raise waitress's small defaults.
-    serve(DomainDispatcherApplication(create_backend_app), host=args.host, port=args.port,
-          threads=32, connection_limit=512, max_request_body_size=1 << 31, ident="moto")
+    serve_s3(args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #   system-deps.sh rclone     rclone, the baseline of the shipper benchmark
 #   system-deps.sh chromium   Chromium, for the operator page's browser test
 #   system-deps.sh promtool   Prometheus's promtool, to check and unit-test the alert rules
+#   system-deps.sh iproute2   ip (network namespaces), for the rehearsal of the k3s manifests
 # Missing packages are installed with apt-get when running as root; otherwise the
 # script says what to install and fails.
 set -euo pipefail
@@ -71,8 +72,11 @@ case "${1:-}" in
   promtool)
     command -v promtool >/dev/null || apt_install prometheus
     ;;
+  iproute2)
+    command -v ip >/dev/null || apt_install iproute2
+    ;;
   *)
-    echo "usage: $0 python|rabbitmq|rclone|chromium|promtool" >&2
+    echo "usage: $0 python|rabbitmq|rclone|chromium|promtool|iproute2" >&2
     exit 2
     ;;
 esac
