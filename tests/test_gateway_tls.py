@@ -13,11 +13,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import requests
+import yaml
 
 from devtools.certs import SiteCertificates, make_site_certificates
-from devtools.servers import ServiceProcess, free_port, wait_until
+from devtools.servers import REPO, ServiceProcess, free_port, wait_until
 from services.common.tokens import device_token
 from services.devices.client import DeviceClient, Photo
 from services.devices.fleet import Fleet, FleetPlan
@@ -141,3 +143,31 @@ def test_a_certificate_that_cannot_be_loaded_stops_the_start_naming_the_settings
     assert service.process is not None
     assert service.process.wait(timeout=30) != 0
     assert "PHOTOFERRY_GATEWAY_TLS_CERT" in service.log_tail()
+
+
+def test_the_gateway_tls_component_mounts_the_secret_and_probes_over_https(tmp_path: Path) -> None:
+    k3s = REPO / "deploy" / "k3s"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(k3s / "examples" / "site", site)],
+        "components": [os.path.relpath(k3s / "components" / "gateway-tls", site)],
+    }))
+    rendered = subprocess.run([str(Path(sys.executable).parent / "kubectl"), "kustomize", str(site)],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    documents = [d for d in yaml.safe_load_all(rendered) if d]
+    gateway = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway")
+    kubernetes_validate.validate(gateway, "1.31.0", strict=True)
+    pod = gateway["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "gateway")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == "gateway-tls")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "gateway-tls")
+    assert volume["secret"]["secretName"] == "gateway-tls" and mount["readOnly"] is True
+    assert env["PHOTOFERRY_GATEWAY_TLS_CERT"] == f"{mount['mountPath']}/tls.crt"
+    assert env["PHOTOFERRY_GATEWAY_TLS_KEY"] == f"{mount['mountPath']}/tls.key"
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert gateway["metadata"]["namespace"] == "photoferry"
