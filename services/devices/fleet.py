@@ -59,6 +59,7 @@ class FleetPlan:
     device_prefix: str = "sim"
     max_backoff_s: float = 30.0
     ca_file: str | None = None  # the site's CA, for an https:// gateway
+    exact_size: bool = False  # every photo ``size`` bytes, rather than the site's spread around it
 
 
 @dataclass
@@ -210,7 +211,7 @@ class Fleet:
         self._settle(upload, answer)
 
     def _new_request(self, upload: _Upload) -> Request:
-        image = self._jpegs.make()
+        image = self._jpegs.make(self.plan.size if self.plan.exact_size else None)
         upload.sha256 = hashlib.sha256(image).hexdigest()
         # captured_at as the camera took it: the meant time on the wall clock.
         taken = datetime.now(UTC) - timedelta(seconds=time.monotonic() - upload.meant_at)
