@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator
-from importlib import resources
 
-import orjson
-import yaml
 from aiohttp import web
 
 from services.common.admission import read_admission
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
 from services.common.denylist import DenyListUnreadable, read_deny_list
-from services.common.httpserver import SSL_CONTEXT, SUPERVISOR, service_app
+from services.common.httpserver import SSL_CONTEXT, SUPERVISOR, openapi_document, openapi_handler, service_app
 from services.common.localstore import LocalStore
 from services.common.service import run_service
 from services.gateway import handlers
@@ -29,7 +26,6 @@ from services.gateway.keys import (
     DENY_LIST,
     LIMITER,
     METRICS,
-    OPENAPI,
     STORE,
     AdmissionView,
     DenyListView,
@@ -44,9 +40,8 @@ DENY_LIST_REFRESH_S = 2.0
 
 
 def load_openapi() -> bytes:
-    """The OpenAPI document, as JSON, from the YAML kept beside the code."""
-    text = resources.files("services.gateway").joinpath("openapi.yaml").read_text()
-    return orjson.dumps(yaml.safe_load(text))
+    """The gateway's OpenAPI document, as JSON."""
+    return openapi_document("services.gateway")
 
 
 def create_app(config: GatewayConfig) -> web.Application:
@@ -66,13 +61,12 @@ def create_app(config: GatewayConfig) -> web.Application:
         app[SSL_CONTEXT] = server_context(config.tls)
     app[STORE] = LocalStore(config.store)
     app[BROKER] = Broker(config.amqp_url, name=f"photoferry-gateway@{socket.gethostname()}")
-    app[OPENAPI] = load_openapi()
     app[ADMISSION] = AdmissionView()
     app.cleanup_ctx.append(_background)
 
     app.router.add_post("/v1/photos", handlers.upload_photo)
     app.router.add_get("/v1/photos/{photo_id}", handlers.photo_status)
-    app.router.add_get("/openapi.json", handlers.openapi)
+    app.router.add_get("/openapi.json", openapi_handler(load_openapi()))
     return app
 
 

@@ -25,7 +25,7 @@ from services.common.localstore import StoredObject, StoreUnavailable
 from services.common.problems import Problem, json_response
 from services.gateway import upload
 from services.gateway.fairness import DeviceSlot
-from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, DENY_LIST, LIMITER, METRICS, OPENAPI, STORE
+from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, DENY_LIST, LIMITER, METRICS, STORE
 
 log = logging.getLogger(__name__)
 
@@ -305,11 +305,6 @@ async def photo_status(request: web.Request) -> web.Response:
     if stored is None and shipped is None:
         raise Problem(404, f"no photo {photo_id!r} is known here")
     return json_response(_describe(photo_id, stored, shipped, parked=parked))
-
-
-async def openapi(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the contract this gateway implements."""
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 def _bearer_token(request: web.Request, config: GatewayConfig) -> str | None:

@@ -19,7 +19,6 @@ BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 BUDGET = web.AppKey("budget", InflightBudget)
 LIMITER = web.AppKey("limiter", DeviceLimiter)
-OPENAPI = web.AppKey("openapi", bytes)
 
 
 class AdmissionView:

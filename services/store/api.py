@@ -30,7 +30,6 @@ from importlib import resources
 from typing import Any
 
 import orjson
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
@@ -44,6 +43,7 @@ from services.common.denylist import (
     read_deny_list,
     write_deny_list,
 )
+from services.common.httpserver import openapi_document, openapi_handler
 from services.common.localstore import StoreUnavailable
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.problems import Problem, json_response
@@ -85,7 +85,6 @@ class OperatorAuth:
 
 OPERATOR_AUTH = web.AppKey("operator_auth", OperatorAuth)
 DENY_LIST_LOCK = web.AppKey("deny_list_lock", asyncio.Lock)
-OPENAPI = web.AppKey("openapi", bytes)
 
 
 @web.middleware
@@ -223,14 +222,9 @@ async def _save(request: web.Request, deny_list: DenyList) -> None:
         raise Problem(503, f"the local store is unavailable; nothing changed: {exc}", retry_after=5) from None
 
 
-async def openapi(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the contract of the operator API."""
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
-
-
 def load_openapi() -> bytes:
-    """The operator API's OpenAPI document, as JSON, from the YAML kept beside the code."""
-    return orjson.dumps(yaml.safe_load(resources.files("services.store").joinpath("openapi.yaml").read_text()))
+    """The operator API's OpenAPI document, as JSON."""
+    return openapi_document("services.store")
 
 
 async def page(request: web.Request) -> web.Response:
@@ -313,9 +307,8 @@ def _share(value: Any) -> float | None:
 
 def add_routes(app: web.Application) -> None:
     app[DENY_LIST_LOCK] = asyncio.Lock()  # one change of the deny list at a time (one keeper per site)
-    app[OPENAPI] = load_openapi()
     app.router.add_get("/", page)
-    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/openapi.json", openapi_handler(load_openapi()))
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/history", history)
     app.router.add_post("/api/shipping/pause", pause)
