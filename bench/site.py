@@ -439,8 +439,10 @@ def render_tables(results: dict[str, Any]) -> str:
                             f"{rss['max']:.0f} MB at most, second half's slope "
                             f"{burst['rss_slope_mb_per_min_second_half']} MB/min |")
                 continue
+            size = burst.get("size", 250_000)
             what = (f"{burst.get('devices', 1000):,} devices at the same instant, "
-                    f"{burst.get('size', 250_000) / MB:g} MB photos, {burst.get('format', 'mixed')}")
+                    f"{'16 MiB (the largest)' if size == MAX_IMAGE else f'{size / 1000:g} KB'} photos, "
+                    f"{burst.get('format', 'mixed')}")
             rows.append(f"| burst: {what} | {goals.get(name, '')} | "
                         f"{burst['report']['accepted']:,} accepted after {burst['report']['retries']:,} retries in "
                         f"{burst['accepted_after_s']} s, all in S3 after {burst['all_in_s3_after_s']} s, "
