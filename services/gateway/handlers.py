@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,11 +48,52 @@ async def upload_photo(request: web.Request) -> web.Response:
         request.app[METRICS].upload_outcome(status)
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """An upload let in before its body is read: what it may be, and what it holds."""
+
+    token: str | None
+    body_format: str
+    limit: int  # the largest body worth reading
+    held: int  # reserved in the in-flight budget
+    slot: DeviceSlot
+
+
 async def _upload(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     budget = request.app[BUDGET]
     metrics = request.app[METRICS]
+    admitted = _admit(request)
+    metrics.in_flight_bytes.inc(admitted.held)
+    try:
+        body = await _read_body(request, admitted.limit, config)
+        metrics.received_bytes.inc(len(body))
+        fields = upload.decode_body(admitted.body_format, body)
+        del body  # what is needed is in fields now: each buffer goes as soon as the next step has its part
+        device_id = upload.parse_device_id(fields)
+        log_fields(request)["device_id"] = device_id
+        _authorize(request, device_id, admitted.token)
+        admitted.slot.identify(device_id)
+        photo = upload.parse_upload(
+            fields,
+            body_format_=admitted.body_format,
+            device_id=device_id,
+            max_image_bytes=config.max_image_bytes,
+        )
+        del fields
+        return await _store_and_queue(request, photo)
+    finally:
+        budget.release(admitted.held)
+        metrics.in_flight_bytes.dec(admitted.held)
+        admitted.slot.release()
 
+
+def _admit(request: web.Request) -> _Admitted:
+    """Everything decided from the request's head, cheapest first; raise the refusal with
+    ``Connection: close``, or the unread body would stay buffered on the kept-alive connection
+    until the device's next request (a thousand devices retrying against a full store would
+    hold a thousand bodies)."""
+    config = request.app[CONFIG]
     try:
         token = _bearer_token(request, config)
         admission = request.app[ADMISSION].current
@@ -68,40 +110,16 @@ async def _upload(request: web.Request) -> web.Response:
             )
         slot = _admit_device(request, token)
         held = upload.held_bytes(declared_length if declared_length is not None else limit)
-        if not budget.try_reserve(held):
+        if not request.app[BUDGET].try_reserve(held):
             slot.refund()  # refused for the gateway's sake, not the device's
             slot.release()
             raise Problem(
                 503, "the gateway is at its limit of uploads in flight; retry later", retry_after=1
             )
     except Problem as refusal:
-        # Refused before its body is read: close the connection after the answer, or the unread
-        # body would stay buffered on it until the device's next request (a thousand devices
-        # retrying against a full store would hold a thousand bodies).
         refusal.headers["Connection"] = "close"
         raise
-    metrics.in_flight_bytes.inc(held)
-    try:
-        body = await _read_body(request, limit, config)
-        metrics.received_bytes.inc(len(body))
-        fields = upload.decode_body(body_format, body)
-        del body  # what is needed is in fields now: each buffer goes as soon as the next step has its part
-        device_id = upload.parse_device_id(fields)
-        log_fields(request)["device_id"] = device_id
-        _authorize(request, device_id, token)
-        slot.identify(device_id)
-        photo = upload.parse_upload(
-            fields,
-            body_format_=body_format,
-            device_id=device_id,
-            max_image_bytes=config.max_image_bytes,
-        )
-        del fields
-        return await _store_and_queue(request, photo)
-    finally:
-        budget.release(held)
-        metrics.in_flight_bytes.dec(held)
-        slot.release()
+    return _Admitted(token=token, body_format=body_format, limit=limit, held=held, slot=slot)
 
 
 def _admit_device(request: web.Request, token: str | None) -> DeviceSlot:
