@@ -19,11 +19,8 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
-import orjson
-import yaml
 from aiohttp import web
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -198,20 +195,6 @@ def readiness_handler(dependencies: Callable[[web.Application], tuple[Broker, Lo
         return json_response({"status": "ready", "checks": checks})
 
     return readyz
-
-
-def openapi_document(package: str) -> bytes:
-    """A service's contract, kept as ``openapi.yaml`` beside its code, as the JSON it serves."""
-    return orjson.dumps(yaml.safe_load(resources.files(package).joinpath("openapi.yaml").read_text()))
-
-
-def openapi_handler(document: bytes) -> Any:
-    """``GET /openapi.json``: the contract the service implements (and its tests fuzz it against)."""
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=document, content_type="application/json")
-
-    return handler
 
 
 def metrics_handler(registry: CollectorRegistry) -> Any:

@@ -12,8 +12,9 @@ from services.common.admission import read_admission
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
 from services.common.denylist import DenyListUnreadable, read_deny_list
-from services.common.httpserver import SSL_CONTEXT, SUPERVISOR, openapi_document, openapi_handler, service_app
+from services.common.httpserver import SSL_CONTEXT, SUPERVISOR, service_app
 from services.common.localstore import LocalStore
+from services.common.openapi import openapi_document, openapi_handler
 from services.common.service import run_service
 from services.gateway import handlers
 from services.gateway.budget import InflightBudget

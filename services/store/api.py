@@ -43,8 +43,8 @@ from services.common.denylist import (
     read_deny_list,
     write_deny_list,
 )
-from services.common.httpserver import openapi_document, openapi_handler
 from services.common.localstore import StoreUnavailable
+from services.common.openapi import openapi_document, openapi_handler
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.problems import Problem, json_response
 from services.common.shipping import read_control, write_control
