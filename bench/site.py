@@ -11,6 +11,9 @@ to be sent):
 - **lag**: a load the cap carries (1,000 x 1/min, 4.2 MB/s): receipt to S3, p50/p99;
 - **burst**: every device sends at the same instant, then retries as the contract
   says: all accepted, the gateway's peak memory, the time until all are in S3;
+  with the site's mix of formats, all JSON (the most memory per photo), and 40
+  maximum-size (16 MiB) photos; then a full store with the devices retrying
+  every second for ``--minutes`` (at most 10): the gateway's memory over time;
 - **headroom**: shipping paused, the rate one gateway holds with upload p99
   under 100 ms, as a multiple of the site's 33 photos/s;
 - **fresh**: the site's day compressed (8.33 MB/s in, a 5 MB/s cap, a 60 s fresh
@@ -35,7 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,10 @@ import requests
 
 from devtools.servers import REPO
 from devtools.site import ADMIN_TOKEN, DEVICE_SECRET, PREFIX, REMOTE_BUCKET, PrivateSite
+from services.common.tokens import device_token
+from services.devices.client import DeviceClient, Photo, result_of
 from services.devices.fleet import Fleet, FleetPlan
+from services.devices.jpegs import JpegMaker
 from services.devices.verify import check_arrivals, expected_of
 
 MB = 1_000_000
@@ -196,19 +202,93 @@ def phase_lag(minutes: float) -> dict[str, Any]:
             "upload_latency_ms": report["latency_ms"]}
 
 
-def phase_burst() -> dict[str, Any]:
+MAX_IMAGE = 16 * 2**20
+# The burst's variants: every device at the same instant, then retrying as the contract says.
+BURSTS = {
+    "mixed": dict(devices=1000, size=250_000, fmt="mixed"),
+    "json": dict(devices=1000, size=250_000, fmt="json"),  # base64 text: the most memory per photo
+    # As many maximum-size photos as keep the gateway's byte budget full several times over.
+    "max": dict(devices=40, size=MAX_IMAGE, fmt="json", exact_size=True),
+}
+REFUSED_DEVICES = 1000
+
+
+def phase_burst(minutes: float) -> dict[str, Any]:
+    """Every burst variant, each on a fresh site, then devices retrying against a full store."""
+    results: dict[str, Any] = {}
+    for name, burst in BURSTS.items():
+        print(f"  burst {name}: {burst}", flush=True)
+        results[name] = burst_once(**burst)
+        print(f"  burst {name}: {_burst_summary(results[name])}", flush=True)
+    results["refused"] = refused_for(minutes)
+    print(f"  refused: {_burst_summary(results['refused'])}", flush=True)
+    return results
+
+
+def burst_once(*, devices: int, size: int, fmt: str, exact_size: bool = False) -> dict[str, Any]:
     with private_site() as site:
         started = time.monotonic()
-        report = fleet(site, devices=1000, per_minute=1, duration_s=0, size=250_000, fmt="mixed", burst=True,
-                       workers=256, seed=3, max_backoff_s=10).run()
+        report = fleet(site, devices=devices, per_minute=1, duration_s=0, size=size, fmt=fmt, burst=True,
+                       workers=256, seed=3, max_backoff_s=10, exact_size=exact_size).run()
         accepted_s = time.monotonic() - started
         arrival = check_arrivals(site.remote_client(), REMOTE_BUCKET, PREFIX, expected_of(report["photos"]),
                                  timeout_s=600, poll_s=1)
         all_in_s = time.monotonic() - started
         gateway_peak = memory_kib(site.pids()["gateway"], "VmHWM") / 1024
-    return {"report": {k: v for k, v in report.items() if k != "photos"}, "accepted_after_s": round(accepted_s, 1),
+    return {"devices": devices, "size": size, "format": fmt,
+            "report": {k: v for k, v in report.items() if k != "photos"}, "accepted_after_s": round(accepted_s, 1),
             "all_in_s3_after_s": round(all_in_s, 1), "missing": len(arrival.missing),
             "gateway_peak_rss_mb": round(gateway_peak, 1)}
+
+
+def refused_for(minutes: float) -> dict[str, Any]:
+    """A full store (every upload answered 503) and the site's devices retrying every second."""
+    # Room for a few photos: past the high watermark after them, the keeper closes admission; with
+    # shipping paused, no shipped copy can be evicted to make room, so the store stays full.
+    with private_site(PHOTOFERRY_STORE_CAPACITY="5MB") as site:
+        operator(site, "POST", "/api/shipping/pause")
+        filler = DeviceClient(site.services["gateway"].url, "filler", device_token(DEVICE_SECRET, "filler"))
+        jpegs = JpegMaker(250_000)
+        deadline = time.monotonic() + 120
+        while "store is full" not in result_of(filler.send(filler.request(Photo(image=jpegs.make(),
+                                                                                captured_at=_now()))), 1).detail:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the store never refused uploads: admission did not close")
+        filler.close()
+        gateway = site.pids()["gateway"]
+        rss: list[tuple[float, float]] = []
+        stop = threading.Event()
+        started = time.monotonic()
+
+        def sample() -> None:
+            while True:
+                rss.append((round(time.monotonic() - started, 1), memory_kib(gateway, "VmRSS") / 1024))
+                if stop.wait(5):
+                    return
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        report = fleet(site, devices=REFUSED_DEVICES, per_minute=1, duration_s=0, size=250_000, fmt="mixed",
+                       burst=True, workers=256, seed=5, max_backoff_s=1, drain_s=minutes * 60).run()
+        stop.set()
+        sampler.join()
+        gateway_peak = memory_kib(gateway, "VmHWM") / 1024
+    second_half = [(t / 60, mb) for t, mb in rss if t >= rss[-1][0] / 2]
+    return {"devices": REFUSED_DEVICES, "minutes": minutes,
+            "report": {k: v for k, v in report.items() if k not in ("photos", "latency_ms")},
+            "refused_per_s": round(report["statuses"].get("503", 0) / report["duration_s"], 1),
+            "gateway_rss_mb": {"start": round(rss[0][1], 1), "end": round(rss[-1][1], 1),
+                               "max": round(max(mb for _, mb in rss), 1)},
+            "rss_slope_mb_per_min_second_half": round(slope(second_half), 2) if len(second_half) > 2 else None,
+            "gateway_peak_rss_mb": round(gateway_peak, 1), "rss_samples": rss}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _burst_summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("rss_samples",)}
 
 
 def phase_headroom(step_s: float) -> dict[str, Any]:
@@ -345,11 +425,28 @@ def render_tables(results: dict[str, Any]) -> str:
                     f"{lag['accepted']:,} shipped; upload p50 {_ms(lag['upload_latency_ms']['p50'])}, "
                     f"p99 {_ms(lag['upload_latency_ms']['p99'])} |")
     if "burst" in results:
-        burst = results["burst"]
-        rows.append(f"| burst: 1,000 devices at the same instant | all accepted, gateway RSS ≤ 300 MB | "
-                    f"{burst['report']['accepted']:,} accepted after {burst['report']['retries']:,} retries in "
-                    f"{burst['accepted_after_s']} s, all in S3 after {burst['all_in_s3_after_s']} s, "
-                    f"{burst['missing']} missing; gateway peak RSS {burst['gateway_peak_rss_mb']:.0f} MB |")
+        bursts = results["burst"]
+        if "report" in bursts:  # results written before the burst had variants
+            bursts = {"mixed": bursts}
+        goals = {"mixed": "all accepted, gateway RSS ≤ 300 MB", "json": "all accepted, gateway RSS ≤ 300 MB",
+                 "max": "all accepted, gateway RSS inside its pod's 1 GiB"}
+        for name, burst in bursts.items():
+            if name == "refused":
+                rss = burst["gateway_rss_mb"]
+                rows.append(f"| full store: {burst['devices']:,} devices retrying every second for "
+                            f"{burst['minutes']:g} min | gateway RSS flat | {burst['refused_per_s']:,} refusals a "
+                            f"second; RSS {rss['start']:.0f} MB at the start, {rss['end']:.0f} MB at the end, "
+                            f"{rss['max']:.0f} MB at most, second half's slope "
+                            f"{burst['rss_slope_mb_per_min_second_half']} MB/min |")
+                continue
+            size = burst.get("size", 250_000)
+            what = (f"{burst.get('devices', 1000):,} devices at the same instant, "
+                    f"{'16 MiB (the largest)' if size == MAX_IMAGE else f'{size / 1000:g} KB'} photos, "
+                    f"{burst.get('format', 'mixed')}")
+            rows.append(f"| burst: {what} | {goals.get(name, '')} | "
+                        f"{burst['report']['accepted']:,} accepted after {burst['report']['retries']:,} retries in "
+                        f"{burst['accepted_after_s']} s, all in S3 after {burst['all_in_s3_after_s']} s, "
+                        f"{burst['missing']} missing; gateway peak RSS {burst['gateway_peak_rss_mb']:.0f} MB |")
     if "headroom" in results:
         steps = "; ".join(f"{s['offered_per_s']}/s: p50 {_ms(s['p50_ms'])}, p99 {_ms(s['p99_ms'])}, "
                           f"{s['gateway_cpu_share_of_a_core']} core" for s in results["headroom"]["steps"])
@@ -400,7 +497,7 @@ def main() -> None:
     runners = {
         "load": lambda: phase_load(args.minutes),
         "lag": lambda: phase_lag(min(3.0, args.minutes)),
-        "burst": phase_burst,
+        "burst": lambda: phase_burst(min(10.0, args.minutes)),
         "headroom": lambda: phase_headroom(30.0),
         "fresh": lambda: phase_fresh(min(4.0, args.minutes)),
     }

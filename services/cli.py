@@ -8,12 +8,16 @@
     photoferry parked                   parked photos and why
     photoferry replay                   send parked photos back to shipping
     photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
+    photoferry deny DEVICE_ID --reason TEXT   every gateway refuses the device (403) within seconds
+    photoferry allow DEVICE_ID          take it off the deny list
+    photoferry denied                   the deny list, with the reasons
     photoferry fleet --devices N ...    simulate a site's devices (needs PHOTOFERRY_DEVICE_SECRET)
     photoferry remote [--last N]        the newest photos in the remote bucket (PHOTOFERRY_S3_*, AWS_*)
 
 The operator commands talk to PHOTOFERRY_STORE_URL (default http://127.0.0.1:8081)
 with PHOTOFERRY_ADMIN_TOKEN. ``fleet`` posts to PHOTOFERRY_GATEWAY_URL (or
---gateway) and, with --verify, checks the remote bucket the shipper uses
+--gateway; an https:// gateway is verified against PHOTOFERRY_GATEWAY_CA_FILE or
+--ca-file) and, with --verify, checks the remote bucket the shipper uses
 (PHOTOFERRY_S3_ENDPOINT, PHOTOFERRY_S3_BUCKET, PHOTOFERRY_S3_PREFIX, AWS_*).
 """
 
@@ -145,9 +149,33 @@ def _replay(config: CliConfig, args: argparse.Namespace) -> int:
 def _token(config: CliConfig, args: argparse.Namespace) -> int:
     if not config.device_secret:
         raise CliError("set PHOTOFERRY_DEVICE_SECRET to the site's device secret")
-    if not DEVICE_ID_PATTERN.fullmatch(args.device_id):
+    print(device_token(config.device_secret, _device_id(args.device_id)))
+    return 0
+
+
+def _device_id(device_id: str) -> str:
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
         raise CliError("a device_id is 1 to 64 characters of A-Z a-z 0-9 . _ -")
-    print(device_token(config.device_secret, args.device_id))
+    return device_id
+
+
+def _deny(config: CliConfig, args: argparse.Namespace) -> int:
+    answer = _call(config, "PUT", f"/api/devices/denied/{_device_id(args.device_id)}", {"reason": args.reason})
+    print(f"{answer['device_id']} denied ({answer['reason']}): every gateway refuses it within seconds")
+    return 0
+
+
+def _allow(config: CliConfig, args: argparse.Namespace) -> int:
+    answer = _call(config, "DELETE", f"/api/devices/denied/{_device_id(args.device_id)}")
+    print(f"{answer['device_id']} allowed again")
+    return 0
+
+
+def _denied(config: CliConfig, args: argparse.Namespace) -> int:
+    answer = _call(config, "GET", "/api/devices/denied")
+    for device in answer["denied"]:
+        print(f"{device['device_id']}  {device['denied_at']}  {device['reason']}")
+    print(f"{len(answer['denied'])} device(s) denied")
     return 0
 
 
@@ -160,7 +188,8 @@ def _fleet(config: CliConfig, args: argparse.Namespace) -> int:
         plan = FleetPlan(gateway=(args.gateway or config.gateway_url).rstrip("/"), devices=args.devices,
                          per_minute=args.per_minute, duration_s=parse_duration(args.duration),
                          size=parse_size(args.size), fmt=args.format, burst=args.burst,
-                         drain_s=parse_duration(args.drain), workers=args.workers, seed=args.seed)
+                         drain_s=parse_duration(args.drain), workers=args.workers, seed=args.seed,
+                         ca_file=args.ca_file or config.gateway_ca_file)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if plan.devices < 1 or plan.per_minute <= 0 or plan.workers < 1:
@@ -252,8 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print the bearer token of a device")
     token.add_argument("device_id")
     token.set_defaults(run=_token)
+    deny = commands.add_parser("deny", help="refuse a device at every gateway (a stolen camera), without a restart")
+    deny.add_argument("device_id")
+    deny.add_argument("--reason", required=True, help="why, as the device reads it in its 403 answers")
+    deny.set_defaults(run=_deny)
+    allow = commands.add_parser("allow", help="take a device off the deny list")
+    allow.add_argument("device_id")
+    allow.set_defaults(run=_allow)
+    commands.add_parser("denied", help="the devices every gateway refuses, and why").set_defaults(run=_denied)
     fleet = commands.add_parser("fleet", help="simulate a site's devices sending photos to a gateway")
     fleet.add_argument("--gateway", help="the gateway's URL (default PHOTOFERRY_GATEWAY_URL)")
+    fleet.add_argument("--ca-file",
+                       help="the site's CA, to verify an https:// gateway (default PHOTOFERRY_GATEWAY_CA_FILE)")
     fleet.add_argument("--devices", type=int, default=1000)
     fleet.add_argument("--per-minute", type=float, default=2.0, help="photos per device per minute")
     fleet.add_argument("--duration", default="10m", help="how long devices send, e.g. 10m")

@@ -74,6 +74,9 @@ class Site:
             "PHOTOFERRY_LOG_FORMAT": "json",
             "PHOTOFERRY_LOG_LEVEL": "info",
             "OTEL_SDK_DISABLED": "false",
+            # Tests send dozens of photos from one device within seconds, which a site's device never
+            # does; the per-device limits' own tests (test_gateway_fairness.py) use the defaults.
+            "PHOTOFERRY_DEVICE_BURST": "1000",
         }
         env.update(overrides)
         return env

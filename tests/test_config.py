@@ -35,7 +35,10 @@ def test_gateway_refuses_to_start_without_a_device_secret() -> None:
     [("PHOTOFERRY_MAX_IMAGE_BYTES", "lots"), ("PHOTOFERRY_GATEWAY_PORT", "70000"),
      ("PHOTOFERRY_STORE_ENDPOINT", "minio:9000"), ("PHOTOFERRY_GATEWAY_MAX_INFLIGHT", "0"),
      ("PHOTOFERRY_DEVICE_AUTH", "maybe"), ("PHOTOFERRY_PUBLISH_TIMEOUT", "soon"),
-     ("PHOTOFERRY_LOG_LEVEL", "chatty")],
+     ("PHOTOFERRY_LOG_LEVEL", "chatty"), ("PHOTOFERRY_DEVICE_PHOTOS_PER_MINUTE", "0"),
+     ("PHOTOFERRY_DEVICE_PHOTOS_PER_MINUTE", "inf"), ("PHOTOFERRY_DEVICE_BURST", "0"),
+     ("PHOTOFERRY_DEVICE_MAX_INFLIGHT", "some"), ("PHOTOFERRY_DEVICE_SECRET_PREVIOUS", "s3cret"),
+     ("PHOTOFERRY_GATEWAY_TLS_CERT", "/etc/tls/gateway.pem")],
 )
 def test_malformed_values_name_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -58,3 +61,18 @@ def test_an_optional_endpoint_is_none_when_unset_and_a_url_when_set() -> None:
     assert RemoteSettings.from_env({"PHOTOFERRY_S3_BUCKET": "b"}).endpoint is None
     with pytest.raises(ConfigError, match="PHOTOFERRY_S3_ENDPOINT"):
         RemoteSettings.from_env({"PHOTOFERRY_S3_BUCKET": "b", "PHOTOFERRY_S3_ENDPOINT": "s3.local"})
+
+
+def test_secrets_and_tls_settings() -> None:
+    config = GatewayConfig.from_env({**BASE, "PHOTOFERRY_DEVICE_SECRET_PREVIOUS": "old",
+                                     "PHOTOFERRY_GATEWAY_TLS_CERT": "/tls/c.pem",
+                                     "PHOTOFERRY_GATEWAY_TLS_KEY": "/tls/k"})
+    assert config.device_secret_previous == "old"
+    assert config.tls is not None and (config.tls.cert, config.tls.key) == ("/tls/c.pem", "/tls/k")
+    assert GatewayConfig.from_env(BASE).tls is None
+    limits = GatewayConfig.from_env(BASE).device_limits
+    assert (limits.photos_per_minute, limits.burst, limits.max_inflight) == (30, 60, 2)
+    keeper = StoreKeeperConfig.from_env({**BASE, "PHOTOFERRY_ADMIN_TOKEN": "t", "PHOTOFERRY_ADMIN_TOKEN_PREVIOUS": "o"})
+    assert keeper.admin_token_previous == "o"
+    with pytest.raises(ConfigError, match="PHOTOFERRY_ADMIN_TOKEN_PREVIOUS"):
+        StoreKeeperConfig.from_env({**BASE, "PHOTOFERRY_ADMIN_TOKEN": "t", "PHOTOFERRY_ADMIN_TOKEN_PREVIOUS": "t"})

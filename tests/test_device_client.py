@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from devtools.servers import ServiceProcess, free_port
 from services.common.tokens import device_token
 from services.devices.client import Backoff, DeviceClient, Photo, should_retry
+from services.devices.fleet import Fleet, FleetPlan
 from services.devices.jpegs import JpegMaker
 from tests.conftest import start_service, stop_cleanly
 from tests.helpers import DEVICE_SECRET, Site, now_rfc3339
@@ -105,3 +107,31 @@ def test_backoff_is_jittered_capped_and_never_sooner_than_asked() -> None:
     assert low.delay(5, retry_after=7) == 7 and high.delay(5, retry_after=7) <= 60
     assert [s for s in (0, 200, 201, 400, 401, 403, 408, 413, 415, 422, 429, 500, 503) if should_retry(s)] == [
         0, 408, 429, 500, 503]
+
+
+def test_a_device_past_its_limits_waits_as_told_and_gets_every_photo_in(site: Site, logs: Path) -> None:
+    # One photo a second, no burst: a device sending faster meets 429 with Retry-After.
+    limited = start_service("gateway", site.env(PHOTOFERRY_DEVICE_PHOTOS_PER_MINUTE="60", PHOTOFERRY_DEVICE_BURST="1"),
+                            logs)
+    try:
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            time.sleep(seconds)
+
+        device = client(limited.url, "cam-eager")
+        results = [device.upload(Photo(image=JpegMaker(10_000).make(), captured_at=now_rfc3339()), sleep=sleep)
+                   for _ in range(3)]
+        assert all(r.accepted for r in results), [r.detail for r in results]
+        assert sum(r.attempts for r in results) > 3, "no 429 was met: the test proves nothing"
+        assert waits and min(waits) >= 1, "never sooner than the gateway's Retry-After"
+
+        plan = FleetPlan(gateway=limited.url, devices=2, per_minute=240, duration_s=3, size=10_000, seed=11,
+                         max_backoff_s=2, device_prefix="eager")
+        report = Fleet(plan, secret=DEVICE_SECRET).run()
+        assert report["statuses"].get("429", 0) > 0, report["statuses"]
+        assert report["failed"] == 0 and report["accepted"] == report["sent"], report["statuses"]
+    finally:
+        stop_cleanly(limited)
+    site.drain()

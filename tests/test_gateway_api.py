@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from typing import Any
@@ -13,6 +14,8 @@ import requests
 
 from devtools.servers import ServiceProcess
 from services.common import photos
+from services.common.localstore import LocalStore
+from services.common.parking import ParkedPhoto
 from services.gateway.app import load_openapi
 from tests.helpers import (
     CONTENT_TYPES,
@@ -23,8 +26,10 @@ from tests.helpers import (
     encode,
     jpeg,
     metric_value,
+    now_rfc3339,
     photo,
     png,
+    store_settings,
     upload,
     webp,
 )
@@ -245,6 +250,22 @@ def test_photo_state_for_its_device(gateway: ServiceProcess) -> None:
     assert response.status_code == 200
     assert response.json()["status"] == "queued"
     assert response.json()["sha256"] == created["sha256"]
+
+
+def test_a_retry_of_a_parked_photo_is_answered_parked_and_not_queued_again(gateway: ServiceProcess,
+                                                                         site: Site) -> None:
+    fields = photo("cam-parked")
+    created = upload(gateway.url, fields).json()
+    site.drain()
+    # Parked as a shipper parks it: a marker with the reason (its message waits on the parking queue).
+    marker = ParkedPhoto(id=created["id"], reason="S3 refused the object", parked_at=now_rfc3339(), attempts=8)
+    asyncio.run(LocalStore(store_settings(site)).put(photos.parked_marker_key(created["id"]),
+                                                     orjson.dumps(vars(marker)), metadata={}))
+    retried = upload(gateway.url, fields)
+    state = requests.get(f"{gateway.url}/v1/photos/{created['id']}", headers=auth("cam-parked"), timeout=10)
+    assert (retried.status_code, retried.json()["id"]) == (200, created["id"])
+    assert retried.json()["status"] == state.json()["status"] == "parked"
+    assert site.drain() == [], "a parked photo waits for an operator: a retry does not queue it again"
 
 
 def test_photo_state_is_the_owners_only(gateway: ServiceProcess) -> None:

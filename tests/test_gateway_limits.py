@@ -5,12 +5,14 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
 from devtools.servers import ServiceProcess, wait_until
 from services.common import photos
+from services.gateway import upload as upload_module
 from tests.conftest import start_service, stop_cleanly
 from tests.helpers import (
     FORMATS,
@@ -139,3 +141,51 @@ def _refused(url: str) -> bool:
     except requests.ConnectionError:
         return True
     return False
+
+
+def test_an_upload_is_counted_as_the_memory_it_holds_not_its_body(site: Site, logs: Path) -> None:
+    # Room for one upload of this body counted as it is held (twice the body, and the request's
+    # overhead), not for two: counted as its bare body, two would fit.
+    fields = photo("cam-held-0", jpeg(40_000))
+    length = len(encode(fields, "json"))
+    budget = upload_module.held_bytes(length) + length
+    service = start_service("gateway", site.env(PHOTOFERRY_GATEWAY_MAX_INFLIGHT_BYTES=str(budget)), logs)
+    site.drain()
+    held = raw_request_start(service.port, _head(service.port, length, device="cam-held-0"),
+                             encode(fields, "json")[:10])
+    try:
+        wait_until(lambda: metric_value(service.url, "photoferry_gateway_upload_bytes_in_flight") > 0,
+                   timeout=10, what="the held upload in flight")
+        in_flight = metric_value(service.url, "photoferry_gateway_upload_bytes_in_flight")
+        assert in_flight == upload_module.held_bytes(length)
+        second = photo("cam-held-1", jpeg(40_000))
+        assert_problem(upload(service.url, second), 503, "limit")
+        held.sendall(encode(fields, "json")[10:])
+        assert read_status(held) == 201
+        assert upload(service.url, second).status_code == 201
+    finally:
+        held.close()
+        stop_cleanly(service)
+    assert len(site.drain()) == 2
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Content-Type": "application/json"}, 401),
+    ({"Content-Type": "text/plain", **auth("cam-closed")}, 415),
+], ids=["no token", "unsupported type"])
+def test_an_upload_refused_before_its_body_is_read_closes_the_connection(gateway: ServiceProcess,
+                                                                         headers: dict[str, str], status: int) -> None:
+    # Kept alive, the connection would keep the unread body buffered until the device's next request.
+    body = encode(photo("cam-closed", jpeg(60_000)), "json")
+    head = (f"POST /v1/photos HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nContent-Length: {len(body)}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n")
+    sock = raw_request_start(gateway.port, head, body)
+    sock.settimeout(10)
+    try:
+        answer = b""
+        while chunk := sock.recv(65536):  # ends when the server closes the connection
+            answer += chunk
+    finally:
+        sock.close()
+    assert int(answer.split(b" ", 2)[1]) == status
+    assert b"connection: close" in answer.lower()

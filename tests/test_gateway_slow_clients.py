@@ -118,7 +118,9 @@ def test_a_hundred_stalled_bodies_do_not_keep_a_real_device_out(gateway: Service
             sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
             sock.sendall(_head(gateway.port, 5_000_000, f"cam-stall-{i}").encode() + b"{" + b" " * 499)
             stalled.append(sock)
-        wait_until(lambda: metric_value(gateway.url, "photoferry_gateway_http_requests_in_flight") >= 50,
+        # Each holds room for twice its 5 MB body: some are held, the rest refused at once.
+        wait_until(lambda: metric_value(gateway.url, "photoferry_gateway_http_requests_in_flight") >= 10
+                   and metric_value(gateway.url, "photoferry_gateway_uploads_total", outcome="unavailable") >= 1,
                    timeout=10, what="the stalled uploads holding the gateway")
         started = time.monotonic()
         fields = photo("cam-real", jpeg(250_000))

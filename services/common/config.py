@@ -58,6 +58,13 @@ def positive_int(env: Env, name: str, default: int) -> int:
     return value
 
 
+def positive_number(env: Env, name: str, default: float) -> float:
+    value = parsed(env, name, float, str(default))
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name}: must be a number above zero, not {value}")
+    return value
+
+
 def switch(env: Env, name: str, default: bool) -> bool:
     text = optional(env, name, "on" if default else "off").lower()
     if text in ("on", "true", "1", "yes"):
@@ -154,14 +161,50 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """A certificate chain and its private key, as PEM files."""
+
+    cert: str
+    key: str
+
+
+def tls_files(env: Env, cert_name: str, key_name: str) -> TlsFiles | None:
+    """Both files, or neither (then no TLS)."""
+    cert, key = env.get(cert_name, "").strip(), env.get(key_name, "").strip()
+    if bool(cert) != bool(key):
+        raise ConfigError(f"{cert_name} and {key_name} go together: set both (TLS) or neither")
+    return TlsFiles(cert=cert, key=key) if cert else None
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What one device may take of a gateway: a token bucket of photos, and uploads at once."""
+
+    photos_per_minute: float  # sustained
+    burst: int  # photos sent at once after a quiet spell (e.g. a camera catching up after an outage)
+    max_inflight: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> DeviceLimits:
+        return cls(
+            photos_per_minute=positive_number(env, "PHOTOFERRY_DEVICE_PHOTOS_PER_MINUTE", 30),
+            burst=positive_int(env, "PHOTOFERRY_DEVICE_BURST", 60),
+            max_inflight=positive_int(env, "PHOTOFERRY_DEVICE_MAX_INFLIGHT", 2),
+        )
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     port: int
     amqp_url: str
     store: StoreSettings
     device_secret: str | None  # None only when device auth is switched off
+    device_secret_previous: str | None  # accepted alongside the current one while devices move over
+    device_limits: DeviceLimits
+    tls: TlsFiles | None  # serve HTTPS with these; None: plain HTTP
     max_image_bytes: int
     max_inflight: int
-    max_inflight_bytes: int
+    max_inflight_bytes: int  # memory the uploads in flight may hold, as each really holds it
     publish_timeout: float
     retry_after_s: int
     fresh_window: float  # a new photo waits this long in the fresh queue at most, then joins the backlog
@@ -181,6 +224,9 @@ class GatewayConfig:
                 "PHOTOFERRY_DEVICE_SECRET is required (or set PHOTOFERRY_DEVICE_AUTH=off, "
                 "for development only, to accept uploads without device tokens)"
             )
+        previous = env.get("PHOTOFERRY_DEVICE_SECRET_PREVIOUS", "") or None
+        if previous is not None and previous == secret:
+            raise ConfigError("PHOTOFERRY_DEVICE_SECRET_PREVIOUS is the current secret: remove it, or set the old one")
         max_image = parsed(env, "PHOTOFERRY_MAX_IMAGE_BYTES", parse_size, "16MiB")
         if max_image < 1:
             raise ConfigError("PHOTOFERRY_MAX_IMAGE_BYTES: must be at least 1 byte")
@@ -189,10 +235,16 @@ class GatewayConfig:
             amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
             store=StoreSettings.from_env(env),
             device_secret=secret if auth_on else None,
+            device_secret_previous=previous if auth_on else None,
+            device_limits=DeviceLimits.from_env(env),
+            tls=tls_files(env, "PHOTOFERRY_GATEWAY_TLS_CERT", "PHOTOFERRY_GATEWAY_TLS_KEY"),
             max_image_bytes=max_image,
             max_inflight=positive_int(env, "PHOTOFERRY_GATEWAY_MAX_INFLIGHT", 64),
+            # Counted as what an upload really holds (about twice its body while it is decoded): the
+            # default keeps a gateway's resident memory near 300 MB whatever arrives, well inside the
+            # 1 GiB its pod may use (docs/capacity.md).
             max_inflight_bytes=parsed(
-                env, "PHOTOFERRY_GATEWAY_MAX_INFLIGHT_BYTES", parse_size, "512MiB"
+                env, "PHOTOFERRY_GATEWAY_MAX_INFLIGHT_BYTES", parse_size, "192MiB"
             ),
             publish_timeout=parsed(env, "PHOTOFERRY_PUBLISH_TIMEOUT", parse_duration, "5s"),
             retry_after_s=positive_int(env, "PHOTOFERRY_RETRY_AFTER", 5),
@@ -300,6 +352,7 @@ class StoreKeeperConfig:
     amqp_url: str
     store: StoreSettings
     admin_token: str
+    admin_token_previous: str | None  # accepted alongside the current one while operators move over
     reconcile_every: float
     retain: float  # shipped local copies are kept this long after they were stored
     capacity: int
@@ -318,6 +371,9 @@ class StoreKeeperConfig:
     @classmethod
     def from_env(cls, env: Env) -> StoreKeeperConfig:
         token = required(env, "PHOTOFERRY_ADMIN_TOKEN")
+        previous_token = env.get("PHOTOFERRY_ADMIN_TOKEN_PREVIOUS", "").strip() or None
+        if previous_token == token:
+            raise ConfigError("PHOTOFERRY_ADMIN_TOKEN_PREVIOUS is the current token: remove it, or set the old one")
         high = parsed(env, "PHOTOFERRY_STORE_HIGH_WATERMARK", parse_fraction, "0.9")
         low = parsed(env, "PHOTOFERRY_STORE_LOW_WATERMARK", parse_fraction, "0.8")
         if not 0 < low < high <= 1:
@@ -336,6 +392,7 @@ class StoreKeeperConfig:
             amqp_url=required(env, "PHOTOFERRY_AMQP_URL"),
             store=StoreSettings.from_env(env),
             admin_token=token,
+            admin_token_previous=previous_token,
             reconcile_every=reconcile_every,
             retain=parsed(env, "PHOTOFERRY_RETAIN", parse_duration, "7d"),
             capacity=capacity,
@@ -361,6 +418,7 @@ class CliConfig:
     store_url: str  # the store keeper's operator API
     admin_token: str | None
     gateway_url: str  # where ``photoferry fleet`` sends
+    gateway_ca_file: str | None  # the CA that signed the gateway's certificate, for https:// gateways
     remote_endpoint: str | None  # the remote S3 that ``photoferry fleet --verify`` checks (None: AWS)
     remote_bucket: str | None
     remote_prefix: str
@@ -372,6 +430,7 @@ class CliConfig:
             store_url=optional(env, "PHOTOFERRY_STORE_URL", "http://127.0.0.1:8081").rstrip("/"),
             admin_token=env.get("PHOTOFERRY_ADMIN_TOKEN") or None,
             gateway_url=optional(env, "PHOTOFERRY_GATEWAY_URL", "http://127.0.0.1:8080").rstrip("/"),
+            gateway_ca_file=env.get("PHOTOFERRY_GATEWAY_CA_FILE", "").strip() or None,
             remote_endpoint=optional_endpoint_url(env, "PHOTOFERRY_S3_ENDPOINT"),
             remote_bucket=env.get("PHOTOFERRY_S3_BUCKET", "").strip() or None,
             remote_prefix=optional(env, "PHOTOFERRY_S3_PREFIX", ""),

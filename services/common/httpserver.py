@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -61,6 +62,8 @@ class ServerState:
 
 SERVER_STATE = web.AppKey("server_state", ServerState)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+# Set by a service that serves HTTPS (the gateway, given a certificate).
+SSL_CONTEXT = web.AppKey("ssl_context", ssl.SSLContext)
 
 
 class HttpMetrics:
@@ -245,9 +248,10 @@ async def _serve(app: web.Application, state: ServerState, *, port: int, shutdow
                            keepalive_timeout=idle_timeout, lingering_time=LINGERING_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, port=port)
+        tls = app.get(SSL_CONTEXT)
+        site = web.TCPSite(runner, port=port, ssl_context=tls)
         await site.start()
-        log.info("listening", extra={"port": port})
+        log.info("listening", extra={"port": port, "tls": tls is not None})
         await stop.wait()
 
         log.info("stopping: finishing requests in flight", extra={"in_flight": state.in_flight})

@@ -27,6 +27,7 @@ _TITLES = {
     413: "Content Too Large",
     415: "Unsupported Media Type",
     422: "Unprocessable Content",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
@@ -53,6 +54,7 @@ class Problem(Exception):
         self.extra = extra
 
     def response(self) -> web.Response:
+        """The problem document; with ``Connection: close``, the connection is closed after it, by the server."""
         body = {
             "type": "about:blank",
             "title": _TITLES.get(self.status, "Error"),
@@ -60,12 +62,15 @@ class Problem(Exception):
             "detail": self.detail,
             **self.extra,
         }
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=orjson.dumps(body),
             content_type=PROBLEM_CONTENT_TYPE,
             headers=self.headers,
         )
+        if self.headers.get("Connection", "").lower() == "close":
+            response.force_close()
+        return response
 
 
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -37,7 +37,10 @@ def run_service(
     setup_logging(config.logging)
     tracer_provider = setup_tracing(f"photoferry-{name}", config.tracing)
     try:
-        run(create_app(config), port=config.port, shutdown_timeout=config.shutdown_timeout,
-            idle_timeout=config.idle_timeout)
+        try:
+            app = create_app(config)
+        except ConfigError as exc:  # e.g. a certificate named in the configuration that cannot be loaded
+            sys.exit(f"photoferry {name}: configuration error: {exc}")
+        run(app, port=config.port, shutdown_timeout=config.shutdown_timeout, idle_timeout=config.idle_timeout)
     finally:
         shutdown_tracing(tracer_provider)

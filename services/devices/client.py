@@ -12,11 +12,15 @@ and ported to whatever a device runs. What it does, and why:
   request itself is wrong and retrying cannot help, so the client gives up.
 - **Back off with full jitter**, and never sooner than the gateway's
   ``Retry-After``: a thousand devices that failed together must not come back
-  together.
+  together. ``429`` (this device sent past its limits) and ``503`` (the site
+  cannot take it now) are waited out alike.
+- **HTTPS, verified.** With an ``https://`` gateway the certificate is checked
+  against the site's CA (``ca_file``, else the system's); the token never
+  crosses the network in clear.
 
 Example::
 
-    client = DeviceClient("http://gateway.site:8080", "cam-042", token)
+    client = DeviceClient("https://gateway.site:8080", "cam-042", token, ca_file="/etc/site-ca.pem")
     result = client.upload(Photo(image=jpeg_bytes, captured_at="2026-05-01T12:00:00Z"))
     if result.accepted:
         print(result.photo_id)
@@ -30,6 +34,7 @@ import base64
 import http.client
 import json
 import random
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -120,11 +125,13 @@ class DeviceClient:
     """Uploads one device's photos over one kept-alive HTTP connection."""
 
     def __init__(self, gateway_url: str, device_id: str, token: str, *, fmt: str = "json",
-                 timeout_s: float = 30.0, backoff: Backoff | None = None) -> None:
+                 timeout_s: float = 30.0, backoff: Backoff | None = None, ca_file: str | None = None) -> None:
         url = urllib.parse.urlsplit(gateway_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"{gateway_url!r} is not an http:// or https:// URL")
         self._url = url
+        # Verifies the certificate and that it names the gateway's host, against the site's CA.
+        self._tls = tls_context(ca_file) if url.scheme == "https" else None
         self.device_id = device_id
         self._token = token
         self.fmt = fmt
@@ -179,9 +186,18 @@ class DeviceClient:
         if fresh:
             self.close()
         if self._connection is None:
-            factory = http.client.HTTPSConnection if self._url.scheme == "https" else http.client.HTTPConnection
-            self._connection = factory(self._url.hostname, self._url.port, timeout=self._timeout_s)
+            if self._tls is not None:
+                self._connection = http.client.HTTPSConnection(self._url.hostname, self._url.port,
+                                                               timeout=self._timeout_s, context=self._tls)
+            else:
+                self._connection = http.client.HTTPConnection(self._url.hostname, self._url.port,
+                                                              timeout=self._timeout_s)
         return self._connection
+
+
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """Verify a gateway's certificate against ``ca_file`` (the site's CA), else the system's CAs."""
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def result_of(answer: Answer, attempts: int) -> Result:

@@ -9,7 +9,8 @@ instant.
 
 **Retries as the reference client does** (``client.should_retry``,
 ``client.Backoff``): the same request again after the backoff, never sooner
-than ``Retry-After``. A waiting retry is a scheduled event, not a sleeping
+than ``Retry-After``, whether the gateway deferred it (``503``) or the device
+was past its limits (``429``). A waiting retry is a scheduled event, not a sleeping
 thread, so a thousand deferred devices hold no workers. A photo counts as
 failed only if it was never accepted by the end (retries included).
 
@@ -57,6 +58,8 @@ class FleetPlan:
     seed: int | None = None
     device_prefix: str = "sim"
     max_backoff_s: float = 30.0
+    ca_file: str | None = None  # the site's CA, for an https:// gateway
+    exact_size: bool = False  # every photo ``size`` bytes, rather than the site's spread around it
 
 
 @dataclass
@@ -109,7 +112,8 @@ class Fleet:
         self._jpegs = JpegMaker(plan.size, rng=random.Random(self._rng.random()))
         backoff = Backoff(cap_s=plan.max_backoff_s, rng=random.Random(self._rng.random()).random)
         self._clients = [
-            DeviceClient(plan.gateway, name, device_token(secret, name), fmt=self._format_of(i), backoff=backoff)
+            DeviceClient(plan.gateway, name, device_token(secret, name), fmt=self._format_of(i), backoff=backoff,
+                         ca_file=plan.ca_file)
             for i, name in enumerate(self.device_ids())
         ]
         self._busy = [threading.Lock() for _ in self._clients]
@@ -207,7 +211,7 @@ class Fleet:
         self._settle(upload, answer)
 
     def _new_request(self, upload: _Upload) -> Request:
-        image = self._jpegs.make()
+        image = self._jpegs.make(self.plan.size if self.plan.exact_size else None)
         upload.sha256 = hashlib.sha256(image).hexdigest()
         # captured_at as the camera took it: the meant time on the wall clock.
         taken = datetime.now(UTC) - timedelta(seconds=time.monotonic() - upload.meant_at)
@@ -250,7 +254,7 @@ class Fleet:
     def progress_line(self) -> str:
         t = self.tally
         elapsed = max(1e-3, time.monotonic() - self.started)
-        deferred = sum(n for status, n in t.statuses.items() if status == 503)
+        deferred = sum(n for status, n in t.statuses.items() if status in (429, 503))
         return (f"{elapsed:6.0f} s  sent {t.sent}  accepted {t.accepted}  deferred {deferred}  "
                 f"failed {t.failed}  {t.accepted / elapsed:.1f}/s  p99 {t.latency.get_value_at_percentile(99)} ms")
 

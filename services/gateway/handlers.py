@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,8 @@ from services.common.httpserver import log_fields
 from services.common.localstore import StoredObject, StoreUnavailable
 from services.common.problems import Problem, json_response
 from services.gateway import upload
-from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE
+from services.gateway.fairness import DeviceSlot
+from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, DENY_LIST, LIMITER, METRICS, STORE
 
 log = logging.getLogger(__name__)
 
@@ -46,57 +48,108 @@ async def upload_photo(request: web.Request) -> web.Response:
         request.app[METRICS].upload_outcome(status)
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """An upload let in before its body is read: what it may be, and what it holds."""
+
+    token: str | None
+    body_format: str
+    limit: int  # the largest body worth reading
+    held: int  # reserved in the in-flight budget
+    slot: DeviceSlot
+
+
 async def _upload(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     budget = request.app[BUDGET]
     metrics = request.app[METRICS]
-
-    token = _bearer_token(request, config)
-    admission = request.app[ADMISSION].current
-    if not admission.open:
-        raise _unavailable(config, f"the site's store is full ({admission.reason})")
-    body_format = upload.body_format(request.headers.get("Content-Type"))
-    limit = upload.body_limit(body_format, config.max_image_bytes)
-    declared_length = request.content_length
-    if declared_length is not None and declared_length > limit:
-        raise Problem(
-            413,
-            f"body of {declared_length} bytes is larger than the {limit} bytes an image of at most "
-            f"{config.max_image_bytes} bytes needs",
-        )
-    reservation = declared_length if declared_length is not None else limit
-    if not budget.try_reserve(reservation):
-        raise Problem(
-            503, "the gateway is at its limit of uploads in flight; retry later", retry_after=1
-        )
-    metrics.in_flight_bytes.inc(reservation)
+    admitted = _admit(request)
+    metrics.in_flight_bytes.inc(admitted.held)
     try:
-        body = await _read_body(request, limit, config)
+        body = await _read_body(request, admitted.limit, config)
         metrics.received_bytes.inc(len(body))
-        fields = upload.decode_body(body_format, body)
+        fields = upload.decode_body(admitted.body_format, body)
+        del body  # what is needed is in fields now: each buffer goes as soon as the next step has its part
         device_id = upload.parse_device_id(fields)
         log_fields(request)["device_id"] = device_id
-        _authorize(config, device_id, token)
+        _authorize(request, device_id, admitted.token)
+        admitted.slot.identify(device_id)
         photo = upload.parse_upload(
             fields,
-            body_format_=body_format,
+            body_format_=admitted.body_format,
             device_id=device_id,
             max_image_bytes=config.max_image_bytes,
         )
+        del fields
         return await _store_and_queue(request, photo)
     finally:
-        budget.release(reservation)
-        metrics.in_flight_bytes.dec(reservation)
+        budget.release(admitted.held)
+        metrics.in_flight_bytes.dec(admitted.held)
+        admitted.slot.release()
 
 
-async def _read_body(request: web.Request, limit: int, config: GatewayConfig) -> bytes:
+def _admit(request: web.Request) -> _Admitted:
+    """Everything decided from the request's head, cheapest first; raise the refusal with
+    ``Connection: close``, or the unread body would stay buffered on the kept-alive connection
+    until the device's next request (a thousand devices retrying against a full store would
+    hold a thousand bodies)."""
+    config = request.app[CONFIG]
+    try:
+        token = _bearer_token(request, config)
+        admission = request.app[ADMISSION].current
+        if not admission.open:
+            raise _unavailable(config, f"the site's store is full ({admission.reason})")
+        body_format = upload.body_format(request.headers.get("Content-Type"))
+        limit = upload.body_limit(body_format, config.max_image_bytes)
+        declared_length = request.content_length
+        if declared_length is not None and declared_length > limit:
+            raise Problem(
+                413,
+                f"body of {declared_length} bytes is larger than the {limit} bytes an image of at most "
+                f"{config.max_image_bytes} bytes needs",
+            )
+        slot = _admit_device(request, token)
+        held = upload.held_bytes(declared_length if declared_length is not None else limit)
+        if not request.app[BUDGET].try_reserve(held):
+            slot.refund()  # refused for the gateway's sake, not the device's
+            slot.release()
+            raise Problem(
+                503, "the gateway is at its limit of uploads in flight; retry later", retry_after=1
+            )
+    except Problem as refusal:
+        refusal.headers["Connection"] = "close"
+        raise
+    return _Admitted(token=token, body_format=body_format, limit=limit, held=held, slot=slot)
+
+
+def _admit_device(request: web.Request, token: str | None) -> DeviceSlot:
+    """Take a place among the device's uploads, or raise 429 (the device is past its limits)."""
+    # A token authorises one device; with device auth off the client's address stands in for it.
+    key = token.lower() if token is not None else f"address:{request.remote}"
+    admitted = request.app[LIMITER].admit(key)
+    if isinstance(admitted, DeviceSlot):
+        return admitted
+    request.app[METRICS].device_refusals.labels(admitted.reason).inc()
+    if admitted.device_id is not None:
+        log_fields(request)["device_id"] = admitted.device_id
+    if admitted.warn:
+        log.warning("a device sends past its limits; refusing its uploads with 429",
+                    extra={"device_id": admitted.device_id or "(not yet seen authorised)",
+                           "limit": admitted.reason, "refused_since_last_said": admitted.refused_since_warned})
+    raise Problem(429, admitted.detail, retry_after=admitted.retry_after_s)
+
+
+async def _read_body(request: web.Request, limit: int, config: GatewayConfig) -> bytearray:
     """Read the body; refuse it (413) as soon as it passes ``limit`` bytes, and cut it (408)
     when it stalls for ``body_timeout`` or falls behind ``body_min_rate`` on average
     (counted from ``body_timeout`` after it began): a slow client holds its slot that long, no longer.
+
+    The body goes into one buffer of its declared length (no list of chunks joined into a copy).
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    chunks: list[bytes] = []
+    declared = request.content_length
+    body = bytearray(declared) if declared is not None else bytearray()
     received = 0
     try:
         while True:
@@ -111,13 +164,19 @@ async def _read_body(request: web.Request, limit: int, config: GatewayConfig) ->
                 raise _too_slow(config, received, stalled=wait >= config.body_timeout) from None
             if not chunk:
                 break
-            received += len(chunk)
-            if received > limit:
+            end = received + len(chunk)
+            if end > limit:
                 raise Problem(413, f"body is larger than the {limit} bytes an upload may take")
-            chunks.append(chunk)
+            if declared is None:
+                body += chunk
+            else:
+                body[received:end] = chunk
+            received = end
     except (ConnectionError, ClientError, HttpProcessingError, asyncio.IncompleteReadError) as exc:
         raise Problem(400, f"the body could not be read completely: {exc}") from None
-    return b"".join(chunks)
+    if declared is not None and received != declared:
+        raise Problem(400, f"the body ended after {received} of the {declared} bytes its Content-Length says")
+    return body
 
 
 def _too_slow(config: GatewayConfig, received: int, *, stalled: bool) -> Problem:
@@ -161,14 +220,19 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
         # A retry of a photo already stored: answer as for the first attempt.
         stored = await store.stat(key)
         shipped = await store.stat(photos.shipped_marker_key(photo_id))
+        parked = False
         if shipped is None:
             if stored is None:
                 raise _unavailable(config, "the photo changed in the store while it was being stored")
-            # The first attempt may have stopped between storing and queueing; a
-            # second message is harmless (an object is shipped once) and closes that gap.
-            await _queue(request, photo_id, stored.size, stored.content_type, stored.metadata,
-                         origin=messages.DEVICE_RETRY)
-        body = _describe(photo_id, stored, shipped, parked=False)
+            # A parked photo waits for an operator with its message on the parking queue: queueing
+            # it again would only park it again. It is answered as GET /v1/photos/{id} has it.
+            parked = await store.exists(photos.parked_marker_key(photo_id))
+            if not parked:
+                # The first attempt may have stopped between storing and queueing; a
+                # second message is harmless (an object is shipped once) and closes that gap.
+                await _queue(request, photo_id, stored.size, stored.content_type, stored.metadata,
+                             origin=messages.DEVICE_RETRY)
+        body = _describe(photo_id, stored, shipped, parked=parked)
         return json_response(body, status=200, headers={"Location": f"/v1/photos/{photo_id}"})
     except StoreUnavailable as exc:
         log.warning("local store unavailable", extra={"error": str(exc), "photo_id": photo_id})
@@ -248,7 +312,7 @@ async def photo_status(request: web.Request) -> web.Response:
     photo_id = request.match_info["photo_id"]
     if not photos.is_photo_id(photo_id):
         raise Problem(404, f"{photo_id!r} is not a photo id")
-    _authorize(config, photos.owner_of(photo_id), token)
+    _authorize(request, photos.owner_of(photo_id), token)
     try:
         stored = await store.stat(photos.object_key(photo_id))
         shipped = await store.stat(photos.shipped_marker_key(photo_id))
@@ -259,11 +323,6 @@ async def photo_status(request: web.Request) -> web.Response:
     if stored is None and shipped is None:
         raise Problem(404, f"no photo {photo_id!r} is known here")
     return json_response(_describe(photo_id, stored, shipped, parked=parked))
-
-
-async def openapi(request: web.Request) -> web.Response:
-    """``GET /openapi.json``: the contract this gateway implements."""
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 def _bearer_token(request: web.Request, config: GatewayConfig) -> str | None:
@@ -282,12 +341,26 @@ def _bearer_token(request: web.Request, config: GatewayConfig) -> str | None:
     return token
 
 
-def _authorize(config: GatewayConfig, device_id: str, token: str | None) -> None:
-    """Raise 403 unless ``token`` is the token of ``device_id``."""
+def _authorize(request: web.Request, device_id: str, token: str | None) -> None:
+    """Raise 403 unless ``token`` is the token of ``device_id`` (by the current or the previous
+    secret) and the device is not on the operator's deny list."""
+    config = request.app[CONFIG]
     if config.device_secret is None:
         return
-    if token is None or not tokens.token_matches(config.device_secret, device_id, token):
+    secrets = [config.device_secret]
+    if config.device_secret_previous is not None:
+        secrets.append(config.device_secret_previous)
+    matched = None if token is None else tokens.matching_secret(secrets, device_id, token)
+    if matched is None:
         raise Problem(403, f"the token does not authorise device {device_id!r}")
+    if matched == 1:
+        request.app[METRICS].previous_secret_requests.inc()
+        log_fields(request)["secret"] = "previous"
+    reason = request.app[DENY_LIST].current.reason(device_id)
+    if reason is not None:
+        request.app[METRICS].denied_requests.inc()
+        raise Problem(403, f"device {device_id!r} is denied by the site's operator ({reason}); "
+                           "it may not upload until the operator allows it again")
 
 
 def _unavailable(config: GatewayConfig, reason: str) -> Problem:

@@ -17,6 +17,7 @@ OUTCOMES = {
     413: "too_large",
     415: "unsupported",
     422: "unprocessable",
+    429: "throttled",
     503: "unavailable",
 }
 
@@ -44,6 +45,41 @@ class GatewayMetrics:
         self.in_flight_bytes = Gauge(
             "photoferry_gateway_upload_bytes_in_flight",
             "Bytes reserved by uploads being handled now",
+            registry=self.registry,
+        )
+
+        # Per-device figures with no label per device: a site has a thousand, a hostile client any number.
+        self.device_refusals = Counter(
+            "photoferry_gateway_device_refusals",
+            "Uploads refused with 429 because their device was past its limits, by which limit "
+            "(rate: photos a minute and burst; in_flight: uploads at once)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.throttled_devices = Gauge(
+            "photoferry_gateway_throttled_devices",
+            "Devices refused with 429 within the last minute",
+            registry=self.registry,
+        )
+        self.tracked_devices = Gauge(
+            "photoferry_gateway_tracked_devices",
+            "Devices whose per-device limits this gateway keeps now (idle ones are forgotten)",
+            registry=self.registry,
+        )
+        self.previous_secret_requests = Counter(
+            "photoferry_gateway_previous_secret_requests",
+            "Requests authorised by the previous device secret (PHOTOFERRY_DEVICE_SECRET_PREVIOUS): "
+            "devices still to move to the current one",
+            registry=self.registry,
+        )
+        self.denied_devices = Gauge(
+            "photoferry_gateway_denied_devices",
+            "Devices on the operator's deny list, as this gateway last read it",
+            registry=self.registry,
+        )
+        self.denied_requests = Counter(
+            "photoferry_gateway_denied_requests",
+            "Requests refused with 403 because their device is on the deny list",
             registry=self.registry,
         )
 

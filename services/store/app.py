@@ -30,7 +30,7 @@ def create_app(config: StoreKeeperConfig) -> web.Application:
     keeper = Keeper(config, store=LocalStore(store), admin=admin, broker=broker, tap=Tap(), metrics=metrics)
     broker.on_ready = keeper.on_broker_ready
     app[api.KEEPER] = keeper
-    app[api.ADMIN_TOKEN] = config.admin_token
+    app[api.OPERATOR_AUTH] = api.OperatorAuth(config.admin_token, config.admin_token_previous, metrics.registry)
     app.cleanup_ctx.append(_keeping)
     api.add_routes(app)
     return app
