@@ -9,6 +9,7 @@ At random moments (a printed seed replays them) one fault at a time:
 - ``kill-gateway``, ``kill-store``, ``kill-shipper``, ``kill-broker``: ``kill -9``, then started again;
 - ``remote-stopped``: the remote S3 frozen (SIGSTOP), then resumed;
 - ``broker-latency``, ``broker-cut``, ``broker-half-open``: the broker link slow, cut, or silently dropping;
+- ``broker-alarm``: the broker's disk alarm (it blocks every publisher), then cleared;
 - ``s3-latency``, ``s3-cut``, ``s3-half-open``, ``s3-slow``: the same for S3, and a link below the cap.
 
 After the load, the ledger: every photo answered 2xx is in the remote bucket,
@@ -39,7 +40,7 @@ from services.devices.fleet import Fleet, FleetPlan
 from services.devices.verify import check_arrivals, expected_of
 
 FAULTS = ("kill-gateway", "kill-store", "kill-shipper", "kill-broker", "remote-stopped",
-          "broker-latency", "broker-cut", "broker-half-open",
+          "broker-latency", "broker-cut", "broker-half-open", "broker-alarm",
           "s3-latency", "s3-cut", "s3-half-open", "s3-slow")
 
 

@@ -106,6 +106,10 @@ class PrivateSite:
             service = self.services[target]
             service.kill()
             return lambda: service.start(wait="alive", timeout=60)
+        if fault == "broker-alarm":
+            # A resource alarm: the broker takes no new message from anyone until it clears.
+            self.rabbit.set_disk_alarm(True)
+            return lambda: self.rabbit.set_disk_alarm(False)
         if fault == "remote-stopped":
             assert self.remote.process is not None
             self.remote.process.send_signal(signal.SIGSTOP)

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import os
 import socket
+import urllib.parse
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +24,7 @@ from services.common.broker import Broker
 from services.common.config import StoreSettings
 from services.common.localstore import LocalStore
 from services.common.s3 import ensure_bucket, s3_client
-from services.common.shipping import ShippingControl, write_control
+from services.common.shipping import ShippedNotice, ShippingControl, write_control
 from services.common.tokens import device_token
 
 DEVICE_SECRET = "test-device-secret-6d1f0c2a"
@@ -125,6 +127,27 @@ def drain_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncoming
             return taken
 
     return asyncio.run(take())
+
+
+def listen_shipped(site: Site) -> str:
+    """A queue of the site's own that keeps every shipped notice from now on (the store keeper's
+    source for the backlog and the classes); returns its name for ``shipped_classes``."""
+    name = f"test-shipped-{uuid.uuid4().hex[:8]}"
+    vhost = urllib.parse.quote(site.name, safe="")
+    site.rabbit.management("PUT", f"queues/{vhost}/{name}", {"durable": False, "auto_delete": False})
+    site.rabbit.management("POST", f"bindings/{vhost}/e/{topology.SHIPPED_EXCHANGE}/q/{name}", {"routing_key": ""})
+    return name
+
+
+def shipped_classes(site: Site, queue: str, found: dict[str, str] | None = None) -> dict[str, str]:
+    """Which class (fresh, backlog) shipped each photo, by the shippers' notices taken from ``queue``
+    (added to ``found``: the notices are taken off the queue as they are read)."""
+    found = {} if found is None else found
+    for message in drain_queue(site.amqp_url, queue):
+        notice = ShippedNotice.from_json(message.body)
+        assert notice is not None, message.body
+        found.update({photo_id: kind for photo_id, _size, _lag, kind in notice.photos})
+    return found
 
 
 def jpeg(size: int = 4096) -> bytes:

@@ -201,12 +201,19 @@ def test_pause_and_rate_override_reach_a_running_shipper(gateway: ServiceProcess
     wait_all_shipped(site, held)
 
 
-def test_a_pause_until_a_time_ends_by_itself(shipper: ServiceProcess, site: Site) -> None:
-    until = (datetime.now(UTC) + timedelta(seconds=4)).isoformat()
+def test_a_pause_until_a_time_holds_shipping_then_ends_by_itself(gateway: ServiceProcess, shipper: ServiceProcess,
+                                                                  site: Site) -> None:
+    until = (datetime.now(UTC) + timedelta(seconds=8)).isoformat()
     try:
         set_control(site, ShippingControl(paused=True, paused_until=until))
         wait_until(lambda: status(shipper)["state"] == "paused", timeout=10, what="pause")
-        wait_until(lambda: status(shipper)["state"] == "running", timeout=15, what="the pause to end")
+        held = upload_many(gateway.url, 2, device="cam-until", size=50_000)
+        # Held while paused: the photos wait on the queue, not in S3.
+        wait_until(lambda: _ready_messages(site) >= 2, timeout=5, what="photos queued while paused")
+        assert status(shipper)["state"] == "paused"
+        assert not any(_marked(site, i) for i in held)
+        wait_until(lambda: status(shipper)["state"] == "running", timeout=20, what="the pause to end")
+        wait_all_shipped(site, held)
     finally:
         set_control(site, ShippingControl())
 
