@@ -11,7 +11,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from services.common.admission import read_admission
+from services.common.admission import AdmissionView, read_admission
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
 from services.common.httpserver import SUPERVISOR, service_app
@@ -19,7 +19,7 @@ from services.common.localstore import LocalStore
 from services.common.service import run_service
 from services.gateway import handlers
 from services.gateway.budget import InflightBudget
-from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE, AdmissionView
+from services.gateway.keys import ADMISSION, BROKER, BUDGET, CONFIG, METRICS, OPENAPI, STORE
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         if decision.open != app[ADMISSION].current.open:
             log.warning("admission %s", "opened" if decision.open else "closed",
                         extra={"reason": decision.reason, "used_bytes": decision.used_bytes})
-        app[ADMISSION].current = decision
+        app[ADMISSION].update(decision)
 
     supervisor.start("admission-watch", watch_admission, every=ADMISSION_REFRESH_S)
     yield
