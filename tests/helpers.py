@@ -102,8 +102,12 @@ class Site:
         return env
 
     def local_keys(self, prefix: str = "photos/", bucket: str | None = None) -> list[str]:
+        """Keys that start with ``prefix`` (the store lists whole path segments: its folder is listed)."""
+        folder = prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
+
         async def listing() -> list[str]:
-            return [item["path"] async for page in self.local_store(bucket).list(prefix) for item in page]
+            return [item["path"] async for page in self.local_store(bucket).list(folder) for item in page
+                    if item["path"].startswith(prefix)]
 
         return asyncio.run(listing())
 

@@ -33,6 +33,7 @@ from tests.helpers import (
     Site,
     assert_problem,
     auth,
+    drain_queue,
     jpeg,
     metric_value,
     photo,
@@ -556,3 +557,40 @@ def test_a_token_with_bytes_that_are_not_utf8_is_refused_not_an_error(keeper: Se
     finally:
         sock.close()
     assert head.startswith(b"HTTP/1.1 401"), head[:80]
+
+
+def test_a_photo_without_a_message_is_found_although_another_photo_has_several(site: Site, logs: Path) -> None:
+    """A device retrying a queued photo queues it again: more messages than photos must not hide a
+    photo whose message was lost (the fresh queue moves photos to the backlog at most once)."""
+    vhost = f"{site.name}-moves"
+    site.rabbit.add_vhost(vhost)
+    site.ensure_local_bucket(f"{site.store_bucket}-moves")
+    env = site.env(PHOTOFERRY_AMQP_URL=site.rabbit.url_for(vhost), PHOTOFERRY_STORE_BUCKET=f"{site.store_bucket}-moves",
+                   PHOTOFERRY_RECONCILE_EVERY="2s", PHOTOFERRY_SHIP_FRESH_WINDOW="2s")
+    keeper = start_service("store", env, logs)
+    gateway = start_service("gateway", env, logs)
+
+    def depth(queue: str) -> int:
+        return int(site.rabbit.management("GET", f"queues/{vhost}/{queue}").get("messages", 0))  # type: ignore[union-attr]
+
+    try:
+        wait_until(lambda: status(keeper)["swept_at"] is not None, timeout=20, what="a first sweep")
+        retried = photo("cam-retry", jpeg(20_000))
+        statuses = [upload(gateway.url, retried).status_code for _ in range(4)]  # a device retrying
+        assert statuses == [201, 200, 200, 200]
+        wait_until(lambda: depth(topology.SHIP_QUEUE) == 4, timeout=20, what="four messages for one photo")
+        # A photo whose message is gone (as a lost move leaves it): two photos, four messages.
+        image = jpeg(20_000)
+        lost = photos.photo_id("cam-lost", datetime.now(UTC), hashlib.sha256(image).hexdigest())
+        site.put_local(photos.object_key(lost), image, bucket=f"{site.store_bucket}-moves",
+                       metadata={"sha256": hashlib.sha256(image).hexdigest(), "device-id": "cam-lost",
+                                 "captured-at": "2026-01-01T00:00:00.000000Z",
+                                 "received-at": "2026-01-01T00:00:00.000000Z"})
+        wait_until(lambda: depth(topology.SHIP_QUEUE) >= 5, timeout=30, what="the photo without a message queued",
+                   interval=1)
+        queued = [photos.PhotoMessage.from_json(m.body).id
+                  for m in drain_queue(site.rabbit.url_for(vhost), topology.SHIP_QUEUE)]
+        assert lost in queued
+    finally:
+        for service in (gateway, keeper):
+            stop_cleanly(service)

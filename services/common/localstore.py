@@ -262,7 +262,8 @@ class LocalStore:
             raise self._unavailable("delete", f"{len(keys)} objects", exc) from None
 
     async def list(self, prefix: str, *, chunk_size: int = 1000) -> AsyncIterator[list[dict[str, Any]]]:
-        """Yield the objects under ``prefix`` in key order, a page at a time."""
+        """Yield the objects under ``prefix`` (whole path segments, as obstore takes it) in key order,
+        a page at a time."""
         try:
             if self._files is not None:
                 listing = self._files.listing(prefix)

@@ -50,8 +50,7 @@ class Keeper:
         self.tap = tap
         self.metrics = metrics
         self.capacity = Capacity(config, store=store, tap=tap, metrics=metrics)
-        self.reconciler = Reconciler(store=store, broker=broker, tap=tap, metrics=metrics,
-                                     fresh_window=config.fresh_window, reconcile_every=config.reconcile_every)
+        self.reconciler = Reconciler(store=store, broker=broker, tap=tap, metrics=metrics)
         self.figures = Figures(config, store=store, broker=broker, tap=tap, capacity=self.capacity,
                                parked_messages=lambda: self.reconciler.parked_messages)
         tap.on_queued = self.figures.heard_queued

@@ -1,17 +1,14 @@
 """Reconciling: every unshipped photo has a shipping message somewhere.
 
-Two kinds of repair, after each sweep of the store:
-
-- **By set**: photos the keeper heard queued on the fresh queue that never moved on
-  (to the backlog, a retry, parking) nor shipped, long after their window. The fresh
-  queue's overflow moves photos to the backlog at most once; a move the broker lost
-  leaves such a photo, and no count would show it while another photo has two
-  messages (a device's retry queues a photo again).
-- **By count**: the unshipped photos against the messages the broker holds (ready,
-  in retry, parked, and in the shippers' hands). Only a deficit is re-enqueued, so
-  a long healthy backlog (one the keeper knows nothing of after its restart) gets
-  no duplicates: photos that never had a message as far as the keeper knows first,
-  then the oldest.
+After each sweep, the unshipped photos are compared with the *photos* the broker
+holds messages for (ready, in retry, parked, in the shippers' hands): the messages
+less the duplicates the keeper heard published (a device retrying a photo still
+queued queues it again; so does a reconcile). The fresh queue's overflow moves
+photos to the backlog at most once, and a message count alone would let another
+photo's duplicate hide such a lost move. Only the deficit is re-enqueued, so a long
+healthy backlog (one the keeper knows nothing of after its restart) gets no
+duplicates: photos that never had a message as far as the keeper knows first, then
+the oldest; never a photo known to have a second message (it has one).
 """
 
 from __future__ import annotations
@@ -33,15 +30,11 @@ BROKER_TIMEOUT_S = 10.0
 
 
 class Reconciler:
-    def __init__(self, *, store: LocalStore, broker: Broker, tap: Tap, metrics: KeeperMetrics,
-                 fresh_window: float, reconcile_every: float) -> None:
+    def __init__(self, *, store: LocalStore, broker: Broker, tap: Tap, metrics: KeeperMetrics) -> None:
         self.store = store
         self.broker = broker
         self.tap = tap
         self.metrics = metrics
-        # A fresh photo moves on within its window; the rest is slack for a queue's head
-        # and a shipper holding it when the window ends.
-        self.lost_after_s = 2 * fresh_window + reconcile_every
         self.queued = 0  # shipping messages the broker holds, at the last count
         self.parked_messages = 0
 
@@ -63,21 +56,18 @@ class Reconciler:
         # Photos parked with a marker are not counted as unshipped, so neither are their
         # messages; those the broker dead-lettered itself (no marker) are.
         self.queued = max(queued_before, queued_after) + max(0, self.parked_messages - result.parked)
-        deficit = result.unshipped - self.queued
+        duplicates = sum(self.tap.extra.values())
+        deficit = result.unshipped - max(0, self.queued - duplicates)
         self.metrics.unaccounted.set(max(0, deficit))
-        lost = self.tap.lost_fresh(older_than_s=self.lost_after_s, unshipped=result.unshipped_ids)
-        candidates = list(lost)
-        if deficit > 0:
-            taken = set(lost)
-            candidates += [o.id for o in result.orphans if o.id not in taken][:deficit]
+        if deficit <= 0:
+            return 0
+        candidates = [o.id for o in result.orphans if not self.tap.has_extra(o.id)][:min(deficit, RECONCILE_BATCH)]
         reconciled = 0
-        for photo_id in candidates[:RECONCILE_BATCH]:
+        for photo_id in candidates:
             if await self.store.exists(photos.shipped_marker_key(photo_id)):
-                self.tap.forget(photo_id)
                 continue  # shipped while the sweep ran
             message = await self._message_for(photo_id)
             if message is None:
-                self.tap.forget(photo_id)
                 continue
             await self.broker.publish(
                 topology.PHOTOS_EXCHANGE, topology.SHIP_ROUTING_KEY,
@@ -85,12 +75,11 @@ class Reconciler:
                 timeout=BROKER_TIMEOUT_S,
             )
             self.tap.saw(photo_id)
-            self.tap.forget(photo_id)
             reconciled += 1
         if reconciled:
             log.warning("re-enqueued photos that had no shipping message",
-                        extra={"count": reconciled, "lost_moves": len(lost), "unshipped": result.unshipped,
-                               "queued": self.queued})
+                        extra={"count": reconciled, "unshipped": result.unshipped, "queued": self.queued,
+                               "duplicates": duplicates})
         return reconciled
 
     async def _message_for(self, photo_id: str) -> photos.PhotoMessage | None:

@@ -4,8 +4,9 @@ A queue of its own, bound like the shipping queues (and to the retry and parking
 exchanges), gets a copy of every shipping message: first publishes give the ingest
 rate, each device's last upload and the gateways publishing; every message tells
 that a photo has (had) a message, which the reconciler uses to prefer photos that
-never had one; and which photos were last heard going to the fresh queue and never
-moved on (a move the broker lost). Heartbeats give the shippers' state, egress and
+never had one; and copies that are a photo's second message (a device's retry, a
+reconcile) tell how many messages are duplicates, which a count must not take for
+photos. Heartbeats give the shippers' state, egress and
 shipments in flight. The queues are temporary: what is missed while the keeper is
 down is made up by the next sweep of the store.
 """
@@ -62,9 +63,9 @@ class Tap:
         self.device_seen: dict[str, float] = {}  # device -> time of its last upload (epoch s)
         self.seen: set[int] = set()  # id hashes of photos that had a message since the keeper started
         self._fresh: set[int] = set()  # ... of which heard since the current sweep began
-        # Photos whose last message went to the fresh queue: id hash -> (id, when heard, epoch s).
-        # Small: a photo leaves it when it moves to the backlog, a retry or parking, or ships.
-        self.on_fresh: dict[int, tuple[str, float]] = {}
+        # Unshipped photos with more than one message: id hash -> how many more (published while
+        # one may still be queued: a device's retry, a reconcile). Moves between queues are not copies.
+        self.extra: dict[int, int] = {}
         # Gateway replica -> (its last first publish, epoch s; the bytes it said it had stored by then).
         self.publishers: dict[str, tuple[float, int]] = {}
         self._shippers: dict[str, tuple[Heartbeat, float]] = {}
@@ -98,10 +99,10 @@ class Tap:
             return  # the shipper parks what is not a shipping message
         self.saw(job.id)
         now = time.time()
-        if message.exchange == topology.PHOTOS_EXCHANGE and message.routing_key == topology.FRESH_ROUTING_KEY:
-            self.on_fresh[id_hash(job.id)] = (job.id, now)
-        else:
-            self.on_fresh.pop(id_hash(job.id), None)
+        if (message.headers or {}).get(messages.ORIGIN_HEADER) in (messages.DEVICE_RETRY, messages.RECONCILE) and (
+                "x-death" not in (message.headers or {})):
+            digest = id_hash(job.id)
+            self.extra[digest] = self.extra.get(digest, 0) + 1
         if not messages.is_first_publish(message.headers):
             return
         self.ingest_bytes.add(job.size)
@@ -119,7 +120,7 @@ class Tap:
         if notice is None:
             return
         for photo_id, size, lag, kind in notice.photos:
-            self.on_fresh.pop(id_hash(photo_id), None)
+            self.extra.pop(id_hash(photo_id), None)
             if self.on_shipped is not None:
                 self.on_shipped(photo_id, size, lag, kind)
 
@@ -139,24 +140,11 @@ class Tap:
     def prune(self, unshipped: set[int]) -> None:
         """Forget photos that shipped: keep those still unshipped and those heard during the sweep."""
         self.seen = (self.seen & unshipped) | self._fresh
+        self.extra = {h: n for h, n in self.extra.items() if h in unshipped or h in self._fresh}
 
-    def lost_fresh(self, *, older_than_s: float, unshipped: set[int]) -> list[str]:
-        """Photos last heard going to the fresh queue longer ago than ``older_than_s`` and still
-        unshipped (by the sweep): their move to the backlog was lost. Forgets shipped ones."""
-        cutoff = time.time() - older_than_s
-        lost = []
-        for digest, (photo_id, heard) in list(self.on_fresh.items()):
-            if heard > cutoff:
-                continue
-            if digest in unshipped:
-                lost.append(photo_id)
-            else:
-                del self.on_fresh[digest]
-        return lost
-
-    def forget(self, photo_id: str) -> None:
-        """A photo no longer waits on the fresh queue as far as the keeper knows."""
-        self.on_fresh.pop(id_hash(photo_id), None)
+    def has_extra(self, photo_id: str) -> bool:
+        """Whether a photo had a second message (so it has one, whatever happened to the first)."""
+        return id_hash(photo_id) in self.extra
 
     def gateways(self, within_s: float = 60.0) -> dict[str, int]:
         """Gateway replicas that stored a photo lately, with the bytes each said it had stored."""
