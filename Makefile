@@ -17,7 +17,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 ## up: run broker, local store, stand-in remote S3 and the services until Ctrl-C
 up: $(INSTALLED)
-	$(BIN)/python -m devtools.stack
+	exec $(BIN)/python -m devtools.stack  # exec: make itself is the parent the stack watches for SIGINT
 
 ## test: the whole suite, against real servers it starts itself (a few minutes)
 test: $(INSTALLED)

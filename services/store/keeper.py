@@ -127,6 +127,8 @@ class Keeper:
     async def run_sweep(self) -> SweepResult:
         """Sweep now (one at a time), commit its counts, reconcile, and decide admission."""
         async with self._sweep_lock:
+            # A broker still coming up when the sweep began is said quietly, even if it is up by its end.
+            broker_starting = self.broker.starting
             queued_before = await self.reconciler.count_queued()  # None while the broker is away
             self.tap.begin_sweep()
             ingest_before = self.tap.ingest_bytes.total
@@ -141,7 +143,7 @@ class Keeper:
             self.tap.prune(result.unshipped_ids)
             self.capacity.swept(result, ingest_before=ingest_before)
             self.figures.swept(result)
-            reconciled = await self._reconcile(result, queued_before)
+            reconciled = await self._reconcile(result, queued_before, quiet=broker_starting)
             self.metrics.observe_sweep(result, time.monotonic() - started, reconciled)
             log.info("store swept", extra={
                 "photos": result.photos, "unshipped": result.unshipped, "queued": self.reconciler.queued,
@@ -150,10 +152,10 @@ class Keeper:
         await self.capacity.decide(evicting=False)
         return result
 
-    async def _reconcile(self, result: SweepResult, queued_before: int | None) -> int:
+    async def _reconcile(self, result: SweepResult, queued_before: int | None, *, quiet: bool) -> int:
         queued_after = await self.reconciler.count_queued()
         if queued_before is None or queued_after is None:
-            log.log(logging.INFO if self.broker.starting else logging.WARNING,
+            log.log(logging.INFO if quiet or self.broker.starting else logging.WARNING,
                     "broker unavailable: the sweep cannot tell which photos lack a message; "
                     "reconciling waits for the next sweep")
             return 0
