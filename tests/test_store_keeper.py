@@ -479,7 +479,16 @@ def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess,
         )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(f"{keeper.url}/#token={ADMIN_TOKEN}")
+            refused: list[str] = []
+            page.on("console", lambda message: refused.append(message.text)
+                    if "Content Security Policy" in message.text else None)
+            answer = page.goto(f"{keeper.url}/#token={ADMIN_TOKEN}")
+            assert answer is not None
+            policy = answer.headers["content-security-policy"]
+            assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            assert "unsafe-inline" not in policy
+            assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["x-frame-options"] == "DENY"
+            assert answer.headers["referrer-policy"] == "no-referrer"
             page.wait_for_function("document.body.dataset.loaded === 'yes'", timeout=20_000)
             assert int(page.inner_text("#devices")) >= 1
             assert page.inner_text("#shipping") in ("running", "paused", "breaker open")
@@ -496,8 +505,20 @@ def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess,
             assert drawn > 50, "the cap line was not drawn"
             # The token stays out of the address bar once read.
             assert "token" not in page.url
+            # The figures a newcomer found wrong: one time tick per end and the middle, no "1 B" on an
+            # empty axis, the axis label clear of the highest line, nothing waiting said once.
+            labels = page.eval_on_selector_all("#egress-chart text", "nodes => nodes.map(n => n.textContent)")
+            assert len(labels) == 5 and "1 B" not in labels, labels
+            highest = page.eval_on_selector_all(
+                "#egress-chart polyline", "lines => Math.min(...lines.flatMap(l => l.getAttribute('points')"
+                ".split(' ').map(p => Number(p.split(',')[1]))))")
+            assert highest > 30, "a line runs through the axis label"
+            assert page.inner_text("#oldest") == "nothing waiting" or page.inner_text("#oldest").startswith("oldest ")
+            assert refused == [], refused
         finally:
             browser.close()
+    api = requests.get(f"{keeper.url}/api/status", headers=OPERATOR, timeout=10)
+    assert api.headers["Cache-Control"] == "no-store" and api.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def _in_remote(site: Site, photo_id: str) -> bool:

@@ -12,7 +12,7 @@ from services.common.config import StoreKeeperConfig
 from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
 from services.common.service import run_service
-from services.store import api
+from services.store import api, pagesecurity
 from services.store.keeper import Keeper
 from services.store.metrics import KeeperMetrics
 from services.store.tap import Tap
@@ -21,7 +21,7 @@ from services.store.tap import Tap
 def create_app(config: StoreKeeperConfig) -> web.Application:
     metrics = KeeperMetrics()
     app = service_app(metrics.http, dependencies=lambda app: (app[api.KEEPER].broker, app[api.KEEPER].store),
-                      retry_after=5, middlewares=(api.operator_auth,))
+                      retry_after=5, middlewares=(pagesecurity.security_headers, api.operator_auth))
     store = config.store
     broker = Broker(config.amqp_url, name=f"photoferry-store@{socket.gethostname()}")
     keeper = Keeper(config, store=LocalStore(store), broker=broker, tap=Tap(), metrics=metrics)
@@ -30,6 +30,7 @@ def create_app(config: StoreKeeperConfig) -> web.Application:
     app[api.ADMIN_TOKEN] = config.admin_token
     app.cleanup_ctx.append(_keeping)
     api.add_routes(app)
+    pagesecurity.add_asset_routes(app)
     return app
 
 
