@@ -24,9 +24,12 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from devtools.servers import ServiceProcess, wait_until
-from services.common import parking, photos, topology
+from services.common import messages, parking, photos, topology
 from services.common.broker import Broker
+from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore
+from services.store import api
+from services.store.app import create_app
 from tests.conftest import EITHER_STORE, start_service, stop_cleanly
 from tests.helpers import (
     ADMIN_TOKEN,
@@ -615,3 +618,52 @@ def test_a_photo_without_a_message_is_found_although_another_photo_has_several(s
     finally:
         for service in (gateway, keeper):
             stop_cleanly(service)
+
+
+def test_a_sweep_whose_reconcile_fails_commits_its_counts_whole(site: Site) -> None:
+    """Reconciling fails after the walk (the broker refuses a publish): the sweep's counts still replace
+    the estimates together, so usage neither loses what arrived since the last sweep nor doubles it."""
+    vhost = f"{site.name}-commit"
+    site.rabbit.add_vhost(vhost)
+    bucket = f"{site.store_bucket}-commit"
+    site.ensure_local_bucket(bucket)
+    config = StoreKeeperConfig.from_env(site.env(PHOTOFERRY_AMQP_URL=site.rabbit.url_for(vhost),
+                                                 PHOTOFERRY_STORE_BUCKET=bucket, PHOTOFERRY_RECONCILE_EVERY="1s"))
+    keeper = create_app(config)[api.KEEPER]
+    sizes = [30_000, 40_000, 50_000]
+
+    async def scenario() -> tuple[int, int]:
+        keeper.broker.start()
+        try:
+            await asyncio.wait_for(keeper.broker.connected(), 30)
+            await keeper.run_sweep()  # the store empty
+            for i, size in enumerate(sizes):  # stored and queued, as a gateway does
+                image = jpeg(size)
+                sha = hashlib.sha256(image).hexdigest()
+                photo_id = photos.photo_id(f"cam-commit-{i}", datetime.now(UTC), sha)
+                metadata = {"sha256": sha, "device-id": f"cam-commit-{i}", "captured-at": "2026-01-01T00:00:00.000000Z",
+                            "received-at": "2026-01-01T00:00:00.000000Z"}
+                assert await keeper.store.create(photos.object_key(photo_id), image, content_type="image/jpeg",
+                                                 metadata=metadata)
+                message = photos.PhotoMessage(
+                    id=photo_id, key=photos.object_key(photo_id), size=size, sha256=sha, content_type="image/jpeg",
+                    device_id=f"cam-commit-{i}", captured_at=metadata["captured-at"],
+                    received_at=metadata["received-at"])
+                await keeper.broker.publish(topology.PHOTOS_EXCHANGE, topology.FRESH_ROUTING_KEY,
+                                            messages.shipping_message(message.to_json(), origin=messages.UPLOAD),
+                                            timeout=10)
+            wait_until(lambda: keeper.status()["store_used_bytes"] == sum(sizes), timeout=10, what="ingest heard")
+            # Their messages lost, and the exchange a reconcile publishes to gone: reconciling will fail.
+            site.rabbit.management("DELETE", f"queues/{vhost}/{topology.FRESH_QUEUE}/contents")
+            await asyncio.sleep(1.1)  # the orphan grace is the sweep interval: 1 s (a wait for age, not a state)
+            site.rabbit.management("DELETE", f"exchanges/{vhost}/{topology.PHOTOS_EXCHANGE}")
+            try:
+                await keeper.run_sweep()
+            except Exception:
+                pass
+            return keeper.status()["store_used_bytes"], keeper.status()["backlog_objects"]
+        finally:
+            await keeper.broker.close()
+
+    used, backlog = asyncio.run(scenario())
+    assert used == sum(sizes) and backlog == len(sizes)
