@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site soak definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -56,6 +56,12 @@ BENCH_SITE_ARGS ?= --minutes 10
 bench-site: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.site $(BENCH_SITE_ARGS)
+
+## soak: the site's load for an hour on a site in a box whose store fills and empties (SOAK_ARGS="--minutes 10")
+SOAK_ARGS ?= --minutes 60
+soak: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 bench: bench-gateway bench-shipper bench-keeper bench-site
 
