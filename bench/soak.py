@@ -6,7 +6,8 @@ again, and a cap below ingest (``--cap``, 2 MB/s, against the site's 8.33 MB/s),
 the backlog grows, admission closes and opens, and shipped copies are evicted
 early. ``photoferry fleet``'s devices (1,000 x 2/min x 250 KB) retry as the
 contract says. Every minute each part's RSS, open files, threads and TCP
-connections, and the queues' depths, are sampled; the keeper's usage every 5 s.
+connections, and the queues' depths, are sampled; every 5 s the keeper's usage
+and the photo bytes really in the store.
 
 It reports each figure's slope (per hour: a leak shows as growth), photos lost
 (answered ``2xx`` and neither in the remote bucket nor the local store) and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -66,6 +68,7 @@ class SoakSampler:
         self.started = time.monotonic()
         self.minutes: list[dict[str, Any]] = []
         self.usage: list[tuple[float, float, bool]] = []  # (s, fill, admission open)
+        self.on_disk: list[int] = []  # photo bytes really in the store, at the same moments
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._every_minute, daemon=True),
                          threading.Thread(target=self._usage, daemon=True)]
@@ -102,6 +105,7 @@ class SoakSampler:
                 continue
             self.usage.append((round(time.monotonic() - self.started, 1), figures["store_fill"],
                                figures["admission"]["open"]))
+            self.on_disk.append(_bytes_under(self.site.store_root))
 
 
 def _bytes_under(root: Path | None) -> int:
@@ -110,7 +114,10 @@ def _bytes_under(root: Path | None) -> int:
         return 0
     total = 0
     for directory, _, files in os.walk(root / "site-store" / photos.PHOTOS_PREFIX):
-        total += sum(os.stat(os.path.join(directory, f)).st_size for f in files if not f.startswith("."))
+        for name in files:
+            if not name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):  # evicted while counted
+                    total += os.stat(os.path.join(directory, name)).st_size
     return total
 
 
@@ -129,18 +136,25 @@ def slopes_per_hour(minutes: list[dict[str, Any]]) -> dict[str, float]:
     return {name: round(slope(points), 2) for name, points in series.items()}
 
 
-def ledger(site: PrivateSite, accepted: dict[str, str]) -> dict[str, int]:
+def ledger(site: PrivateSite, accepted: dict[str, str]) -> dict[str, Any]:
     """Photos answered 2xx that are nowhere (lost), and photos uploaded to the remote twice (duplicated)."""
-    remote = listed_keys(site.remote_client(), REMOTE_BUCKET, PREFIX + photos.PHOTOS_PREFIX)
 
     async def local_keys() -> set[str]:
         return {item["path"] async for page in site.local_store().list(photos.PHOTOS_PREFIX) for item in page}
 
+    # The store first: a photo leaves it only once it is in the remote, so it cannot slip between the two.
     local = asyncio.run(local_keys())
+    remote = listed_keys(site.remote_client(), REMOTE_BUCKET, PREFIX + photos.PHOTOS_PREFIX)
     lost = [i for i in accepted if PREFIX + photos.object_key(i) not in remote and photos.object_key(i) not in local]
     uploads = site.uploads_per_photo()
+
+    async def shipped_marker(photo_id: str) -> bool:
+        return await site.local_store().exists(photos.shipped_marker_key(photo_id))
+
     return {"accepted": len(accepted), "in_remote": sum(PREFIX + photos.object_key(i) in remote for i in accepted),
-            "lost": len(lost), "duplicated": sum(1 for n in uploads.values() if n > 1)}
+            "lost": len(lost), "duplicated": sum(1 for n in uploads.values() if n > 1),
+            "lost_photos": [{"id": i, "shipped_marker": asyncio.run(shipped_marker(i)), "uploads_logged": uploads[i]}
+                            for i in lost[:20]]}
 
 
 def run(minutes: float, capacity: str, cap: str) -> dict[str, Any]:
@@ -154,7 +168,7 @@ def run(minutes: float, capacity: str, cap: str) -> dict[str, Any]:
             report = Fleet(plan, secret=DEVICE_SECRET).run()
         accepted = {p["id"]: p["sha256"] for p in report["photos"]}
         high_bytes = HIGH_WATERMARK * parse_size(capacity)
-        on_disk = [m["store_bytes_on_disk"] for m in sampler.minutes]
+        on_disk = sampler.on_disk + [m["store_bytes_on_disk"] for m in sampler.minutes]
         closings = sum(1 for a, b in zip(sampler.usage, sampler.usage[1:], strict=False) if a[2] and not b[2])
         statuses = report["statuses"]
         return {

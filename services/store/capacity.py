@@ -1,7 +1,8 @@
 """Capacity: how full the local store is, early eviction, and the admission decision.
 
-Usage is the last sweep's photo bytes plus what has been queued since that sweep
-began (the tap hears every first publish within milliseconds), against
+Usage is the last sweep's photo bytes plus what the gateways stored since that
+sweep began (the tap hears every first publish within milliseconds, with the
+gateway's running total, which also covers photos it stored but could not queue), against
 ``PHOTOFERRY_STORE_CAPACITY`` and, when known, against the disk itself (MinIO's
 metrics, or the embedded store's file system): whichever is fuller.
 
@@ -77,7 +78,7 @@ class Capacity:
         """Local usage now: the last sweep's, plus what has been queued since it began."""
         if self._swept_bytes is None:
             return 0
-        return int(self._swept_bytes + self.tap.ingest_bytes.total - self._ingest_at_sweep)
+        return int(self._swept_bytes + self.tap.stored_heard - self._ingest_at_sweep)
 
     def usage(self) -> Usage:
         """Usage now; the disk's figures count while they are fresh."""

@@ -131,7 +131,7 @@ class Keeper:
             broker_starting = self.broker.starting
             queued_before = await self.reconciler.count_queued()  # None while the broker is away
             self.tap.begin_sweep()
-            ingest_before = self.tap.ingest_bytes.total
+            ingest_before = self.tap.stored_heard
             started = time.monotonic()
             # A photo stored a moment ago may be between the gateway's write and its
             # publish: it is a candidate only after a sweep interval (at most a minute).

@@ -68,6 +68,7 @@ class Tap:
         self.extra: dict[int, int] = {}
         # Gateway replica -> (its last first publish, epoch s; the bytes it said it had stored by then).
         self.publishers: dict[str, tuple[float, int]] = {}
+        self.stored_heard = 0  # bytes the gateways stored, as far as heard (a counter for usage between sweeps)
         self._shippers: dict[str, tuple[Heartbeat, float]] = {}
         self._queues: list[AbstractQueue] = []
         # Set by the keeper: told of every first publish and every shipment, for the live backlog.
@@ -111,7 +112,12 @@ class Tap:
         headers = message.headers or {}
         publisher, stored = headers.get(messages.PUBLISHER_HEADER), headers.get(messages.PUBLISHER_BYTES_HEADER)
         if isinstance(publisher, str) and isinstance(stored, int) and not isinstance(stored, bool):
-            self.publishers[publisher] = (now, max(stored, self.publishers.get(publisher, (0.0, 0))[1]))
+            previous = self.publishers.get(publisher)
+            # A gateway's running total also covers photos it stored but could not queue.
+            self.stored_heard += job.size if previous is None else max(0, stored - previous[1])
+            self.publishers[publisher] = (now, max(stored, previous[1] if previous else 0))
+        else:
+            self.stored_heard += job.size  # a gateway that sends no total
         if self.on_queued is not None:
             self.on_queued(job.id, job.size, now)
 
