@@ -492,14 +492,14 @@ def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess,
             assert "unsafe-inline" not in policy
             assert answer.headers["x-content-type-options"] == "nosniff" and answer.headers["x-frame-options"] == "DENY"
             assert answer.headers["referrer-policy"] == "no-referrer"
-            page.wait_for_function("document.body.dataset.loaded === 'yes'", timeout=20_000)
+            # Waits by selector, not wait_for_function: the policy forbids the eval that one polls with.
+            page.wait_for_selector("body[data-loaded=yes]", timeout=20_000)
             assert int(page.inner_text("#devices")) >= 1
             assert page.inner_text("#shipping") in ("running", "paused", "breaker open")
             # Charts: the page adds a point every refresh (5 s); wait for a line of two.
-            page.wait_for_function(
-                "document.querySelector('#egress-chart polyline[data-series=cap]') &&"
-                " document.querySelector('#egress-chart polyline[data-series=cap]').getAttribute('points')"
-                ".split(' ').length >= 2", timeout=30_000)
+            cap_line = page.locator("#egress-chart polyline[data-series=cap]")
+            wait_until(lambda: cap_line.count() == 1 and len((cap_line.get_attribute("points") or "").split()) >= 2,
+                       timeout=30, what="a cap line of two points", interval=0.5)
             shot = page.locator("#egress-chart").screenshot(path=str(tmp_path / "egress-chart.png"))
             raw = Image.open(BytesIO(shot)).convert("RGB").tobytes()
             cap_colour = (0xC7, 0x77, 0x00)
