@@ -16,8 +16,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 	touch $(INSTALLED)
 
 ## up: run broker, local store, stand-in remote S3 and the services until Ctrl-C
+UP_ARGS ?=
 up: $(INSTALLED)
-	exec $(BIN)/python -m devtools.stack  # exec: make itself is the parent the stack watches for SIGINT
+	exec $(BIN)/python -m devtools.stack $(UP_ARGS)  # exec: make itself is the parent the stack watches for SIGINT
 
 ## test: the whole suite, against real servers it starts itself (a few minutes)
 test: $(INSTALLED)
