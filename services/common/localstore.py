@@ -150,13 +150,13 @@ class LocalStore:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreUnavailable(f"local store {self.endpoint} could not {action} {key}: {first_line}")
 
-    async def _on_disk(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking call of the embedded store in a thread, under the store's timeout."""
+    async def _blocking(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call (the embedded store's, boto3's) in a thread, under the store's timeout."""
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.to_thread(call, *args, **kwargs)
         except TimeoutError:
-            raise TimeoutError(f"no answer from the file system within {self._timeout:g} s") from None
+            raise TimeoutError(f"no answer within {self._timeout:g} s") from None
 
     async def create(
         self, key: str, data: bytes, *, content_type: str, metadata: dict[str, str]
@@ -165,7 +165,7 @@ class LocalStore:
         try:
             with self._span("PutObject", key):
                 if self._files is not None:
-                    return await self._on_disk(self._files.create, key, data, content_type=content_type,
+                    return await self._blocking(self._files.create, key, data, content_type=content_type,
                                                metadata=metadata)
                 await obstore.put_async(
                     self._store,
@@ -188,7 +188,7 @@ class LocalStore:
         try:
             with self._span("PutObject", key):
                 if self._files is not None:
-                    await self._on_disk(self._files.put, key, data, metadata=metadata)
+                    await self._blocking(self._files.put, key, data, metadata=metadata)
                 else:
                     await obstore.put_async(self._store, key, data, attributes=metadata)
         except (*_FAILURES, TimeoutError) as exc:
@@ -199,7 +199,7 @@ class LocalStore:
         try:
             with self._span("HeadObject", key):
                 if self._files is not None:
-                    return _from_file(key, await self._on_disk(self._files.stat, key))
+                    return _from_file(key, await self._blocking(self._files.stat, key))
                 result = await obstore.get_async(self._store, key, options={"head": True})
         except FileNotFoundError:
             return None
@@ -234,7 +234,7 @@ class LocalStore:
         try:
             with self._span("GetObject", key):
                 if self._files is not None:
-                    data, _ = await self._on_disk(self._files.read, key)
+                    data, _ = await self._blocking(self._files.read, key)
                     return data
                 result = await obstore.get_async(self._store, key)
                 return bytes(await result.bytes_async())
@@ -253,7 +253,7 @@ class LocalStore:
         try:
             if self._files is not None:
                 files = self._files
-                await self._on_disk(lambda: [files.delete(key) for key in keys])
+                await self._blocking(lambda: [files.delete(key) for key in keys])
             else:
                 await obstore.delete_async(self._store, keys if len(keys) > 1 else keys[0])
         except FileNotFoundError:
@@ -267,7 +267,7 @@ class LocalStore:
         try:
             if self._files is not None:
                 listing = self._files.listing(prefix)
-                while page := await self._on_disk(lambda: list(itertools.islice(listing, chunk_size))):
+                while page := await self._blocking(lambda: list(itertools.islice(listing, chunk_size))):
                     yield page
                 return
             async for page in obstore.list(self._store, prefix=prefix, chunk_size=chunk_size):
@@ -279,7 +279,7 @@ class LocalStore:
         """Raise StoreUnavailable unless the bucket answers a (one-request) listing."""
         try:
             if self._files is not None:
-                await self._on_disk(self._files.check)
+                await self._blocking(self._files.check)
             else:
                 await obstore.list_with_delimiter_async(self._store, prefix="ping/")
         except (*_FAILURES, TimeoutError) as exc:
@@ -291,8 +291,8 @@ class LocalStore:
         """Create the bucket unless it exists; return whether it was created."""
         try:
             if self._files is not None:
-                return await self._on_disk(self._files.ensure_bucket)
-            return await self._on_disk(ensure_bucket, self._admin_client(), self.bucket)
+                return await self._blocking(self._files.ensure_bucket)
+            return await self._blocking(ensure_bucket, self._admin_client(), self.bucket)
         except (*_FAILURES, TimeoutError) as exc:
             raise self._unavailable("create", f"the bucket {self.bucket}", exc) from None
 
@@ -302,7 +302,7 @@ class LocalStore:
         try:
             if self._files is not None:
                 return await asyncio.to_thread(self._files.clean_leftovers, older_than.total_seconds())
-            return await self._on_disk(self._abort_stale_uploads, datetime.now(UTC) - older_than)
+            return await self._blocking(self._abort_stale_uploads, datetime.now(UTC) - older_than)
         except _FAILURES as exc:
             raise self._unavailable("clean up", f"the bucket {self.bucket}", exc) from None
 
@@ -329,7 +329,7 @@ class LocalStore:
         if self._files is None:
             return None
         try:
-            return await self._on_disk(self._files.disk)
+            return await self._blocking(self._files.disk)
         except (OSError, TimeoutError) as exc:
             raise self._unavailable("measure", "the file system", exc) from None
 
