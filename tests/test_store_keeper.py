@@ -518,10 +518,26 @@ def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess,
             assert highest > 30, "a line runs through the axis label"
             assert page.inner_text("#oldest") == "nothing waiting" or page.inner_text("#oldest").startswith("oldest ")
             assert refused == [], refused
+            # "updated" reads on the header's background (WCAG AA: a contrast of 4.5 at least).
+            colours = page.eval_on_selector("#updated", "e => [getComputedStyle(e).color, "
+                                            "getComputedStyle(e.parentElement).backgroundColor]")
+            assert contrast(*colours) >= 4.5, colours
         finally:
             browser.close()
     api = requests.get(f"{keeper.url}/api/status", headers=OPERATOR, timeout=10)
     assert api.headers["Cache-Control"] == "no-store" and api.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG contrast ratio of two CSS rgb() colours."""
+
+    def luminance(colour: str) -> float:
+        channels = [int(c) / 255 for c in colour[colour.index("(") + 1:colour.index(")")].split(",")[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    lighter, darker = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
 
 
 def _in_remote(site: Site, photo_id: str) -> bool:
