@@ -139,8 +139,7 @@ class Broker:
             await self.on_ready(self)
 
     def _on_connection_lost(self, _connection: object, exc: BaseException | None = None) -> None:
-        # Our own close (a stop) ends the connection with CancelledError: not a loss.
-        if self._started.is_set() and exc is not None and not isinstance(exc, asyncio.CancelledError):
+        if self._started.is_set() and exc is not None:
             log.warning("lost the broker connection; reconnecting (uploads get 503 meanwhile)",
                         extra={"connection": self._name, "error": repr(exc)})
 
