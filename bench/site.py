@@ -31,7 +31,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -217,8 +220,34 @@ HEADROOM_P99_MS = 250
 HEADROOM_RATES = (33, 66, 100, 150, 200, 250, 333, 400, 500, 650)
 
 
+def profile_gateway(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Sample the gateway's Python stacks with py-spy (out of process, not pausing it) for ``seconds``."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                             "--rate", "50", "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def hottest(collapsed: Path, top: int = 12) -> list[dict[str, Any]]:
+    """The functions the samples were in (self time), from py-spy's collapsed stacks."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines() if collapsed.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        counts[frame] = counts.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)[:top]
+    return [{"function": frame, "share": round(n / total, 3)} for frame, n in ranked] if total else []
+
+
 def phase_headroom(step_s: float, max_rate: int = HEADROOM_RATES[-1]) -> dict[str, Any]:
     steps = []
+    profile: list[dict[str, Any]] = []
     with private_site(store="file") as site:
         operator(site, "POST", "/api/shipping/pause")  # the gateway alone: stored and queued, not shipped
         pids = site.pids()
@@ -227,8 +256,13 @@ def phase_headroom(step_s: float, max_rate: int = HEADROOM_RATES[-1]) -> dict[st
               drain_s=30, device_prefix="warm").run()
         for rate in (r for r in HEADROOM_RATES if r <= max_rate):
             cpu_before, started = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic()
+            stacks = site.workdir / f"gateway-{rate}.collapsed"
+            spy = profile_gateway(pids["gateway"], step_s, stacks)
             report = fleet(site, devices=rate * 10, per_minute=6, duration_s=step_s, size=250_000, fmt="mixed",
                            workers=256, seed=rate, drain_s=30, device_prefix=f"h{rate}").run()
+            if spy is not None:
+                spy.wait(timeout=60)
+                profile = hottest(stacks)
             elapsed = time.monotonic() - started
             cores = {name: round((cpu_seconds(pid) - cpu_before[name]) / elapsed, 2) for name, pid in pids.items()}
             step = {"offered_per_s": rate, "accepted_per_s": round(report["accepted"] / report["duration_s"], 1),
@@ -244,7 +278,9 @@ def phase_headroom(step_s: float, max_rate: int = HEADROOM_RATES[-1]) -> dict[st
     last = steps[-1]["cores"] if steps else {}
     return {"store": "embedded", "p99_limit_ms": HEADROOM_P99_MS, "steps": steps, "held_per_s": best,
             "multiple_of_site": round(best / (1000 * 2 / 60), 1),
-            "busiest_at_the_last_step": max(last, key=last.get) if last else None}
+            "busiest_at_the_last_step": max(last, key=last.get) if last else None,
+            # Where the gateway spent its time at the last step (py-spy, self time): what limits it.
+            "gateway_profile_at_the_last_step": profile}
 
 
 def phase_fresh(minutes: float) -> dict[str, Any]:
@@ -371,7 +407,11 @@ def render_tables(results: dict[str, Any]) -> str:
         rows.append(f"| headroom: {headroom.get('store', 'moto')} store, shipping paused, rising rates | "
                     f"≥ 10x the site with p99 < {limit} ms | {steps}; held {headroom['multiple_of_site']}x"
                     + (f"; busiest part at the last step: {headroom['busiest_at_the_last_step']}"
-                       if headroom.get("busiest_at_the_last_step") else "") + " |")
+                       if headroom.get("busiest_at_the_last_step") else "")
+                    + ("; the gateway's time then: " + ", ".join(
+                        f"{p['function'].split(' (')[0]} {p['share']:.0%}"
+                        for p in headroom["gateway_profile_at_the_last_step"][:5])
+                       if headroom.get("gateway_profile_at_the_last_step") else "") + " |")
     parts = ["\n".join(rows)]
     if "load" in results:
         resources = ["| part | CPU (share of a core) | peak RSS |", "| --- | --- | --- |"]
