@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site soak definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -16,8 +16,9 @@ $(INSTALLED): pyproject.toml constraints.txt
 	touch $(INSTALLED)
 
 ## up: run broker, local store, stand-in remote S3 and the services until Ctrl-C
+UP_ARGS ?=
 up: $(INSTALLED)
-	$(BIN)/python -m devtools.stack
+	exec $(BIN)/python -m devtools.stack $(UP_ARGS)  # exec: make itself is the parent the stack watches for SIGINT
 
 ## test: the whole suite, against real servers it starts itself (a few minutes)
 test: $(INSTALLED)
@@ -57,6 +58,12 @@ BENCH_SITE_ARGS ?= --minutes 10
 bench-site: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.site $(BENCH_SITE_ARGS)
+
+## soak: the site's load for an hour on a site in a box whose store fills and empties (SOAK_ARGS="--minutes 10")
+SOAK_ARGS ?= --minutes 60
+soak: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 bench: bench-gateway bench-shipper bench-keeper bench-site
 

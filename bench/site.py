@@ -14,8 +14,10 @@ to be sent):
   with the site's mix of formats, all JSON (the most memory per photo), and 40
   maximum-size (16 MiB) photos; then a full store with the devices retrying
   every second for ``--minutes`` (at most 10): the gateway's memory over time;
-- **headroom**: shipping paused, the rate one gateway holds with upload p99
-  under 100 ms, as a multiple of the site's 33 photos/s;
+- **headroom**: against the embedded store (the site-in-a-box's), shipping paused,
+  rising rates until upload p99 passes 250 ms: the rate one gateway holds, as a
+  multiple of the site's 33 photos/s, and each part's share of a core at every
+  step (what saturates is what limits);
 - **fresh**: the site's day compressed (8.33 MB/s in, a 5 MB/s cap, a 60 s fresh
   window) with the default fresh share and with none: the newest photos' lag and
   the backlog, over time.
@@ -23,7 +25,7 @@ to be sent):
 Writes ``docs/benchmarks-site.json``, PNG plots beside it and the tables in
 ``docs/benchmarks.md`` (between its markers); phases not run keep their results.
 
-    python -m bench.site [--minutes 10] [--phases load,lag,burst,headroom,fresh]
+    python -m bench.site [--minutes 10] [--phases load,lag,burst,headroom,fresh] [--headroom-step 30]
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -71,11 +76,11 @@ def memory_kib(pid: int, field: str) -> int:
 
 
 @contextmanager
-def private_site(cap: str = "5MB", **settings: str) -> Iterator[PrivateSite]:
+def private_site(cap: str = "5MB", store: str = "s3", **settings: str) -> Iterator[PrivateSite]:
     with tempfile.TemporaryDirectory(prefix="photoferry-bench-site-") as workdir:
         # Sweeps as often as a site does (k3s base: 5m): each lists the whole store.
-        site = PrivateSite(Path(workdir), cap=cap, settings={"PHOTOFERRY_LOG_LEVEL": "info",
-                                                             "PHOTOFERRY_RECONCILE_EVERY": "5m", **settings})
+        site = PrivateSite(Path(workdir), cap=cap, store=store,
+                           settings={"PHOTOFERRY_LOG_LEVEL": "info", "PHOTOFERRY_RECONCILE_EVERY": "5m", **settings})
         try:
             site.start()
             yield site
@@ -291,27 +296,71 @@ def _burst_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("rss_samples",)}
 
 
-def phase_headroom(step_s: float) -> dict[str, Any]:
+HEADROOM_P99_MS = 250
+HEADROOM_RATES = (33, 66, 100, 150, 200, 250, 333, 400, 500, 650)
+
+
+def profile_gateway(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Sample the gateway's Python stacks with py-spy (out of process, not pausing it) for ``seconds``."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                             "--rate", "50", "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def hottest(collapsed: Path, top: int = 12) -> list[dict[str, Any]]:
+    """The functions the samples were in (self time), from py-spy's collapsed stacks."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines() if collapsed.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frame = stack.rsplit(";", 1)[-1]
+        counts[frame] = counts.get(frame, 0) + int(count)
+        total += int(count)
+    ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)[:top]
+    return [{"function": frame, "share": round(n / total, 3)} for frame, n in ranked] if total else []
+
+
+def phase_headroom(step_s: float, max_rate: int = HEADROOM_RATES[-1]) -> dict[str, Any]:
     steps = []
-    with private_site() as site:
+    profile: list[dict[str, Any]] = []
+    with private_site(store="file") as site:
         operator(site, "POST", "/api/shipping/pause")  # the gateway alone: stored and queued, not shipped
-        gateway = site.pids()["gateway"]
-        for rate in (33, 66, 100, 150, 200, 300, 400):
-            cpu_before, started = cpu_seconds(gateway), time.monotonic()
+        pids = site.pids()
+        # Warm up (connections, first writes of each folder), so the first step measures the site, not its start.
+        fleet(site, devices=100, per_minute=6, duration_s=5, size=250_000, fmt="mixed", workers=64, seed=0,
+              drain_s=30, device_prefix="warm").run()
+        for rate in (r for r in HEADROOM_RATES if r <= max_rate):
+            cpu_before, started = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.monotonic()
+            stacks = site.workdir / f"gateway-{rate}.collapsed"
+            spy = profile_gateway(pids["gateway"], step_s, stacks)
             report = fleet(site, devices=rate * 10, per_minute=6, duration_s=step_s, size=250_000, fmt="mixed",
                            workers=256, seed=rate, drain_s=30, device_prefix=f"h{rate}").run()
-            cpu = (cpu_seconds(gateway) - cpu_before) / (time.monotonic() - started)
+            if spy is not None:
+                spy.wait(timeout=60)
+                profile = hottest(stacks)
+            elapsed = time.monotonic() - started
+            cores = {name: round((cpu_seconds(pid) - cpu_before[name]) / elapsed, 2) for name, pid in pids.items()}
             step = {"offered_per_s": rate, "accepted_per_s": round(report["accepted"] / report["duration_s"], 1),
                     "p99_ms": report["latency_ms"]["p99"], "p50_ms": report["latency_ms"]["p50"],
                     "failed": report["failed"], "deferred": report["statuses"].get("503", 0),
-                    "gateway_cpu_share_of_a_core": round(cpu, 2)}
+                    "gateway_cpu_share_of_a_core": cores["gateway"], "cores": cores}
             steps.append(step)
             print(f"  headroom {rate}/s: {step}", flush=True)
-            if step["p99_ms"] >= 100 or step["failed"]:
+            if step["p99_ms"] >= HEADROOM_P99_MS or step["failed"]:
                 break
-    held = [s for s in steps if s["p99_ms"] < 100 and not s["failed"]]
+    held = [s for s in steps if s["p99_ms"] < HEADROOM_P99_MS and not s["failed"]]
     best = max((s["offered_per_s"] for s in held), default=0)
-    return {"steps": steps, "held_per_s": best, "multiple_of_site": round(best / (1000 * 2 / 60), 1)}
+    last = steps[-1]["cores"] if steps else {}
+    return {"store": "embedded", "p99_limit_ms": HEADROOM_P99_MS, "steps": steps, "held_per_s": best,
+            "multiple_of_site": round(best / (1000 * 2 / 60), 1),
+            "busiest_at_the_last_step": max(last, key=last.get) if last else None,
+            # Where the gateway spent its time at the last step (py-spy, self time): what limits it.
+            "gateway_profile_at_the_last_step": profile}
 
 
 def phase_fresh(minutes: float) -> dict[str, Any]:
@@ -450,8 +499,16 @@ def render_tables(results: dict[str, Any]) -> str:
     if "headroom" in results:
         steps = "; ".join(f"{s['offered_per_s']}/s: p50 {_ms(s['p50_ms'])}, p99 {_ms(s['p99_ms'])}, "
                           f"{s['gateway_cpu_share_of_a_core']} core" for s in results["headroom"]["steps"])
-        rows.append(f"| headroom: shipping paused, rising rates | ≥ 10x the site with p99 < 100 ms | {steps}; "
-                    f"held {results['headroom']['multiple_of_site']}x |")
+        headroom = results["headroom"]
+        limit = headroom.get("p99_limit_ms", 100)
+        rows.append(f"| headroom: {headroom.get('store', 'moto')} store, shipping paused, rising rates | "
+                    f"≥ 10x the site with p99 < {limit} ms | {steps}; held {headroom['multiple_of_site']}x"
+                    + (f"; busiest part at the last step: {headroom['busiest_at_the_last_step']}"
+                       if headroom.get("busiest_at_the_last_step") else "")
+                    + ("; the gateway's time then: " + ", ".join(
+                        f"{p['function'].split(' (')[0]} {p['share']:.0%}"
+                        for p in headroom["gateway_profile_at_the_last_step"][:5])
+                       if headroom.get("gateway_profile_at_the_last_step") else "") + " |")
     parts = ["\n".join(rows)]
     if "load" in results:
         resources = ["| part | CPU (share of a core) | peak RSS |", "| --- | --- | --- |"]
@@ -485,6 +542,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the site-load phase")
     parser.add_argument("--phases", default="load,lag,burst,headroom,fresh")
     parser.add_argument("--out", type=Path, default=OUT / "benchmarks-site.json")
+    parser.add_argument("--headroom-step", type=float, default=30.0, help="seconds at each rate of the headroom phase")
+    parser.add_argument("--headroom-max-rate", type=int, default=HEADROOM_RATES[-1],
+                        help="highest rate (photos/s) the headroom phase tries (a short smoke run: 66)")
     args = parser.parse_args()
     phases = args.phases.split(",")
     # Phases run now replace their earlier results; the others are kept.
@@ -498,7 +558,7 @@ def main() -> None:
         "load": lambda: phase_load(args.minutes),
         "lag": lambda: phase_lag(min(3.0, args.minutes)),
         "burst": lambda: phase_burst(min(10.0, args.minutes)),
-        "headroom": lambda: phase_headroom(30.0),
+        "headroom": lambda: phase_headroom(args.headroom_step, args.headroom_max_rate),
         "fresh": lambda: phase_fresh(min(4.0, args.minutes)),
     }
     for phase in phases:

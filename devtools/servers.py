@@ -80,7 +80,7 @@ class RabbitNode:
     """A private RabbitMQ node: own name, ports, epmd and data folder."""
 
     def __init__(self, workdir: Path, *, user: str = "photoferry", password: str = "photoferry",
-                 amqp_port: int | None = None) -> None:
+                 amqp_port: int | None = None, nodename: str | None = None) -> None:
         self.workdir = workdir
         self.user = user
         self.password = password
@@ -88,7 +88,8 @@ class RabbitNode:
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.management_port = free_port()
-        self.nodename = f"photoferry-{self.amqp_port}@localhost"
+        # A node keeps its data under its name: one that must keep its queues across runs names itself.
+        self.nodename = nodename or f"photoferry-{self.amqp_port}@localhost"
         self.process: subprocess.Popen[bytes] | None = None
         self._log = None
 

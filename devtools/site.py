@@ -8,6 +8,7 @@ slow, cut or half-open, and count what crosses the uplink.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 from devtools.proxy import CountingProxy
 from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port
 from services.common import photos, topology
+from services.common.config import StoreSettings
+from services.common.localstore import LocalStore
 from services.common.s3 import ensure_bucket, s3_client
 
 DEVICE_SECRET = "site-device-secret"
@@ -31,10 +34,13 @@ SERVICES = ("gateway", "store", "shipper")
 class PrivateSite:
     """A private site: broker, stores, proxies and services, each of which can be made to fail."""
 
-    def __init__(self, workdir: Path, *, cap: str = "4MB", settings: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *, cap: str = "4MB", settings: dict[str, str] | None = None,
+                 store: str = "s3") -> None:
         self.workdir = workdir
         self.settings = settings or {}  # PHOTOFERRY_* variables for the services, over the defaults below
         self.rabbit = RabbitNode(workdir / "rabbitmq")
+        # The site's local store: an S3-protocol server, or the embedded store in a folder ("file").
+        self.store_root = workdir / "store" if store == "file" else None
         self.local = S3Server(workdir / "local-s3")
         self.remote = S3Server(workdir / "remote-s3")
         self.cap = cap
@@ -44,11 +50,12 @@ class PrivateSite:
 
     def start(self) -> None:
         self.rabbit.start()
-        self.local.start()
+        if self.store_root is None:
+            self.local.start()
         self.remote.start()
         self.broker_link = CountingProxy("127.0.0.1", self.rabbit.amqp_port).start()
         self.s3_link = CountingProxy("127.0.0.1", self.remote.port).start()
-        ensure_bucket(self._client(self.local), STORE_BUCKET)
+        asyncio.run(self.local_store().ensure_bucket())
         ensure_bucket(self.remote_client(), REMOTE_BUCKET)
         env = self.env()
         for name in SERVICES:
@@ -63,7 +70,7 @@ class PrivateSite:
         return {
             **os.environ,
             "PHOTOFERRY_AMQP_URL": f"amqp://{self.rabbit.user}:{self.rabbit.password}@127.0.0.1:{self.broker_link.port}/",
-            "PHOTOFERRY_STORE_ENDPOINT": self.local.endpoint,
+            "PHOTOFERRY_STORE_ENDPOINT": self.store_endpoint,
             "PHOTOFERRY_STORE_ACCESS_KEY": self.local.access_key,
             "PHOTOFERRY_STORE_SECRET_KEY": self.local.secret_key,
             "PHOTOFERRY_STORE_BUCKET": STORE_BUCKET,
@@ -86,6 +93,14 @@ class PrivateSite:
             "OTEL_SDK_DISABLED": "true",
             **self.settings,
         }
+
+    @property
+    def store_endpoint(self) -> str:
+        return f"file://{self.store_root}" if self.store_root is not None else self.local.endpoint
+
+    def local_store(self) -> LocalStore:
+        return LocalStore(StoreSettings(self.store_endpoint, self.local.access_key, self.local.secret_key,
+                                        STORE_BUCKET, "us-east-1", 30))
 
     def remote_client(self):  # type: ignore[no-untyped-def]
         return self._client(self.remote)
@@ -136,8 +151,10 @@ class PrivateSite:
         return {name: int(queue.get("messages", 0)) for name, queue in queues.items()}  # type: ignore[union-attr]
 
     def parked_markers(self) -> int:
-        listing = self._client(self.local).list_objects_v2(Bucket=STORE_BUCKET, Prefix=photos.PARKED_PREFIX)
-        return int(listing.get("KeyCount", 0))
+        async def count() -> int:
+            return sum(len(page) async for page in self.local_store().list(photos.PARKED_PREFIX))
+
+        return asyncio.run(count())
 
     def uploads_per_photo(self) -> Counter[str]:
         """How often the shipper logs said a photo was uploaded (across restarts)."""
@@ -156,6 +173,8 @@ class PrivateSite:
         parts = {name: service.process for name, service in self.services.items()}
         parts |= {"rabbitmq": self.rabbit.process, "local store": self.local.process,
                   "remote S3": self.remote.process}
+        if self.store_root is not None:
+            del parts["local store"]  # the embedded store is the services' own
         return {name: process.pid for name, process in parts.items() if process is not None}
 
     def stop(self) -> None:

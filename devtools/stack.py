@@ -1,11 +1,14 @@
 """``make up``: run the whole stack locally, as processes, until Ctrl-C.
 
 Reuses the RabbitMQ at ``PHOTOFERRY_AMQP_URL`` when it answers, else starts a
-private node; starts two S3-protocol servers (the site's local store and a
-stand-in for the remote S3); creates the buckets; starts the services; writes
-``.stack/env`` (what the ``photoferry`` command and curl need to reach it) and
-prints where everything is and what to try. Ctrl-C stops everything it started,
-and nothing else.
+private node (its data in ``.stack/rabbitmq``); keeps the site's photos in the
+embedded store (``.stack/store``); starts an S3-protocol server standing in for
+the remote S3 (its objects saved to ``.stack/remote-s3/objects`` at a stop and
+loaded at the next start, since moto keeps them in memory); starts the services;
+writes ``.stack/env`` (what the ``photoferry`` command and curl need to reach it)
+and prints where everything is and what to try. Ctrl-C (or SIGINT to ``make``
+alone, or SIGTERM) stops everything it started, and nothing else; a start after
+a stop finds every photo, setting, queued message and the history as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -33,6 +37,8 @@ from devtools.servers import (
     free_port,
     port_is_free,
 )
+from services.common.config import StoreSettings
+from services.common.localstore import LocalStore
 from services.common.s3 import ensure_bucket, s3_client
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -93,7 +99,8 @@ class Stack:
             print(f"using the RabbitMQ at {urlsplit(url).hostname}:{urlsplit(url).port or 5672}")
             return url
         print("no RabbitMQ answers at PHOTOFERRY_AMQP_URL; starting a private node (about 10 s)")
-        node = RabbitNode(self.workdir / "rabbitmq", amqp_port=_preferred_port(5673) or None)
+        node = RabbitNode(self.workdir / "rabbitmq", amqp_port=_preferred_port(5673) or None,
+                          nodename="photoferry-stack@localhost")
         node.start()
         self.started.append(("rabbitmq", node))
         print(f"private RabbitMQ on port {node.amqp_port} (management on {node.management_port})")
@@ -117,8 +124,71 @@ class Stack:
 
     def stop(self) -> None:
         for name, thing in reversed(self.started):
+            if name == "remote-s3":
+                saved = _save_remote(thing, self.workdir / "remote-s3" / "objects")  # type: ignore[arg-type]
+                print(f"saved {saved} objects of the remote stand-in")
             thing.stop()  # type: ignore[attr-defined]
             print(f"stopped {name}")
+
+
+def _remote_client(remote: S3Server):  # type: ignore[no-untyped-def]
+    return s3_client(remote.endpoint, access_key=remote.access_key, secret_key=remote.secret_key, region="us-east-1")
+
+
+def _saved_objects(folder: Path) -> LocalStore:
+    return LocalStore(StoreSettings(f"file://{folder}", "", "", REMOTE_BUCKET, "us-east-1", 30))
+
+
+def _save_remote(remote: S3Server, folder: Path) -> int:
+    """Copy the remote stand-in's objects (with their metadata) to ``folder``: moto forgets them at a stop."""
+    if remote.kind != "moto":
+        return 0  # MinIO keeps its own
+    client, saved = _remote_client(remote), _saved_objects(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    asyncio.run(saved.ensure_bucket())
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=REMOTE_BUCKET):
+        for item in page.get("Contents", []):
+            got = client.get_object(Bucket=REMOTE_BUCKET, Key=item["Key"])
+            asyncio.run(saved.put(item["Key"], got["Body"].read(),
+                                  metadata={"Content-Type": got.get("ContentType", "application/octet-stream"),
+                                            **got.get("Metadata", {})}))
+            count += 1
+    return count
+
+
+def _restore_remote(remote: S3Server, folder: Path) -> int:
+    if remote.kind != "moto" or not folder.is_dir():
+        return 0
+    client, saved = _remote_client(remote), _saved_objects(folder)
+
+    async def keys() -> list[str]:
+        return [item["path"] async for page in saved.list("") for item in page]
+
+    count = 0
+    for key in asyncio.run(keys()):
+        data, stored = saved.read_with_metadata(key)  # type: ignore[misc]
+        client.put_object(Bucket=REMOTE_BUCKET, Key=key, Body=data, ContentType=stored.content_type,
+                          Metadata=stored.metadata)
+        count += 1
+    return count
+
+
+def _watch_make(stop: threading.Event) -> None:
+    """Stop when ``make`` (our parent) is handling SIGINT: it does not pass it on to its recipe,
+    it only waits for the recipe to end (a terminal's Ctrl-C reaches the whole group instead)."""
+    status = Path(f"/proc/{os.getppid()}/status")
+    while not stop.wait(0.5):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            return
+        if fields.get("Name", "").strip() != "make":
+            return
+        # A signal being handled is blocked while its handler runs: make waits for us in it.
+        if int(fields.get("SigBlk", "0"), 16) & (1 << (signal.SIGINT - 1)):
+            os.kill(os.getpid(), signal.SIGINT)
+            return
 
 
 def main() -> None:
@@ -132,14 +202,17 @@ def main() -> None:
     # explicitly: a shell may start a background job with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    watching = threading.Event()
+    threading.Thread(target=_watch_make, args=(watching,), daemon=True).start()
     try:
         amqp_url = stack.broker_url()
-        local = stack.s3_server("local-store", 9000)
+        store_url = f"file://{(args.workdir / 'store').resolve()}"
+        asyncio.run(LocalStore(StoreSettings(store_url, "", "", LOCAL_BUCKET, "us-east-1", 10)).ensure_bucket())
         remote = stack.s3_server("remote-s3", 9100)
-        ensure_bucket(s3_client(local.endpoint, access_key=local.access_key,
-                                secret_key=local.secret_key, region="us-east-1"), LOCAL_BUCKET)
-        ensure_bucket(s3_client(remote.endpoint, access_key=remote.access_key,
-                                secret_key=remote.secret_key, region="us-east-1"), REMOTE_BUCKET)
+        ensure_bucket(_remote_client(remote), REMOTE_BUCKET)
+        restored = _restore_remote(remote, args.workdir / "remote-s3" / "objects")
+        if restored:
+            print(f"loaded {restored} objects into the remote stand-in")
 
         device_secret = _persistent_secret(args.workdir / "device-secret")
         admin_token = _persistent_secret(args.workdir / "admin-token")
@@ -149,9 +222,7 @@ def main() -> None:
             "PYTHONUNBUFFERED": "1",
             "PHOTOFERRY_LOG_FORMAT": os.environ.get("PHOTOFERRY_LOG_FORMAT", "text"),
             "PHOTOFERRY_AMQP_URL": amqp_url,
-            "PHOTOFERRY_STORE_ENDPOINT": local.endpoint,
-            "PHOTOFERRY_STORE_ACCESS_KEY": local.access_key,
-            "PHOTOFERRY_STORE_SECRET_KEY": local.secret_key,
+            "PHOTOFERRY_STORE_ENDPOINT": store_url,
             "PHOTOFERRY_STORE_BUCKET": LOCAL_BUCKET,
             "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
             "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
@@ -164,8 +235,6 @@ def main() -> None:
             "PHOTOFERRY_SHIP_RATE": os.environ.get("PHOTOFERRY_SHIP_RATE", "40Mbit"),
             "PHOTOFERRY_RECONCILE_EVERY": os.environ.get("PHOTOFERRY_RECONCILE_EVERY", "30s"),
         }
-        if local.metrics_url:
-            env["PHOTOFERRY_STORE_METRICS_URL"] = local.metrics_url
         env.update({f"PHOTOFERRY_{name.upper()}_PORT": str(port) for name, port in ports.items()})
         for name in SERVICES:
             if (REPO / "services" / name / "__main__.py").exists():
@@ -175,7 +244,7 @@ def main() -> None:
         client_env = _client_env(env, ports)
         env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in client_env.items()))
         env_file.chmod(0o600)
-        _print_welcome(ports, amqp_url, local, remote, env_file)
+        _print_welcome(ports, amqp_url, store_url, remote, env_file)
         while all(s.process and s.process.poll() is None for s in stack.services.values()):
             time.sleep(0.5)
         exited = [n for n, s in stack.services.items() if s.process and s.process.poll() is not None]
@@ -183,6 +252,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nstopping the stack")
     finally:
+        watching.set()
         stack.stop()
 
 
@@ -209,14 +279,14 @@ def _client_env(env: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
     }
 
 
-def _print_welcome(ports: dict[str, int], amqp_url: str, local: S3Server, remote: S3Server, env_file: Path) -> None:
+def _print_welcome(ports: dict[str, int], amqp_url: str, store_url: str, remote: S3Server, env_file: Path) -> None:
     broker = urlsplit(amqp_url)
     print(f"""
 photoferry is up.
   gateway        http://127.0.0.1:{ports['gateway']}    devices POST here (API: /openapi.json)
   store keeper   http://127.0.0.1:{ports['store']}    the operator page and API
   shipper        http://127.0.0.1:{ports['shipper']}    /status
-  local store    {local.endpoint}    {local.kind}, bucket {LOCAL_BUCKET}
+  local store    {store_url}    the embedded store, bucket {LOCAL_BUCKET}
   remote S3      {remote.endpoint}    {remote.kind} standing in for AWS, bucket {REMOTE_BUCKET}, prefix {REMOTE_PREFIX}
   broker         {broker.hostname}:{broker.port or 5672}
 

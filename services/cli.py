@@ -71,7 +71,8 @@ def _status(config: CliConfig, args: argparse.Namespace) -> int:
     rate = lambda n: f"{format_bytes(n)}/s"  # noqa: E731 (a local shorthand)
     text = s["text"]
     lines = [
-        f"backlog      {text['backlog']}; oldest waiting {text['oldest_unshipped_age']}",
+        f"backlog      {text['backlog']}; " + (text["oldest_unshipped_age"] if s["oldest_unshipped_age_s"] is None
+                                                else f"oldest waiting {text['oldest_unshipped_age']}"),
         f"rates        in {rate(s['ingest_bytes_per_s'])}, out {rate(s['egress_bytes_per_s'])}, "
         f"cap {rate(s['cap_bytes_per_s'])}",
         f"drains       {text['eta_drain']}",

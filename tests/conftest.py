@@ -6,7 +6,10 @@ not see each other's messages or objects.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,13 +69,45 @@ def proxy(remote_s3: S3Server) -> Iterator[CountingProxy]:
 
 
 @pytest.fixture(scope="module")
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which local store a module's site uses: ``s3`` (the S3-protocol server) unless the module
+    parametrizes it (``pytestmark = EITHER_STORE``) to run against the embedded store too."""
+    return str(getattr(request, "param", "s3"))
+
+
+EITHER_STORE = pytest.mark.parametrize("store_kind", ["s3", "file"], indirect=True, scope="module")
+
+
+def _embedded_store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the embedded store on a file system of its own when there is one (/dev/shm):
+    the store counts its disk's fill, and the machine's own disk may be past a test's watermarks."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        root = Path(tempfile.mkdtemp(prefix="photoferry-store-", dir=shm))
+        _shm_roots.append(root)
+        return root
+    return tmp_path_factory.mktemp("embedded-store")
+
+
+_shm_roots: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shm_roots() -> Iterator[None]:
+    yield
+    for root in _shm_roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def site(request: pytest.FixtureRequest, rabbit: RabbitNode, local_s3: S3Server,
-         remote_s3: S3Server) -> Site:
+         remote_s3: S3Server, store_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Site:
     """A fresh vhost and fresh buckets for one test module."""
     name = f"{_slug(request.module.__name__.rsplit('.', 1)[-1])}-{uuid.uuid4().hex[:6]}"
     rabbit.add_vhost(name)
+    store_root = _embedded_store_root(tmp_path_factory) if store_kind == "file" else None
     site = Site(name=name, rabbit=rabbit, amqp_url=rabbit.url_for(name), local=local_s3,
-                remote=remote_s3, store_bucket=f"st-{name}", remote_bucket=f"rm-{name}")
+                remote=remote_s3, store_bucket=f"st-{name}", remote_bucket=f"rm-{name}", store_root=store_root)
     site.create_buckets()
     return site
 

@@ -10,6 +10,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -35,7 +36,11 @@ CONTENT_TYPES = {"json": "application/json", "msgpack": "application/msgpack"}
 
 @dataclass
 class Site:
-    """An isolated slice of the session's servers: one vhost, one local and one remote bucket."""
+    """An isolated slice of the session's servers: one vhost, one local and one remote bucket.
+
+    The local store is the session's S3-protocol server, or the embedded store in a
+    folder of its own when ``store_root`` is set.
+    """
 
     name: str
     rabbit: RabbitNode
@@ -44,24 +49,42 @@ class Site:
     remote: S3Server
     store_bucket: str
     remote_bucket: str
+    store_root: Path | None = None
+
+    @property
+    def store_endpoint(self) -> str:
+        return f"file://{self.store_root}" if self.store_root is not None else self.local.endpoint
 
     def local_client(self) -> BaseClient:
+        assert self.store_root is None, "the embedded store has no S3 client: use local_store()"
         return s3_client(self.local.endpoint, access_key=self.local.access_key,
                          secret_key=self.local.secret_key, region="us-east-1")
+
+    def local_store(self, bucket: str | None = None) -> LocalStore:
+        return LocalStore(store_settings(self, bucket))
+
+    def put_local(self, key: str, body: bytes, *, content_type: str = "image/jpeg",
+                  metadata: dict[str, str] | None = None, bucket: str | None = None) -> None:
+        """Store an object as a gateway does (create-if-absent), whichever the store."""
+        assert asyncio.run(self.local_store(bucket).create(key, body, content_type=content_type,
+                                                           metadata=metadata or {}))
+
+    def ensure_local_bucket(self, bucket: str) -> None:
+        asyncio.run(self.local_store(bucket).ensure_bucket())
 
     def remote_client(self) -> BaseClient:
         return s3_client(self.remote.endpoint, access_key=self.remote.access_key,
                          secret_key=self.remote.secret_key, region="us-east-1")
 
     def create_buckets(self) -> None:
-        ensure_bucket(self.local_client(), self.store_bucket)
+        self.ensure_local_bucket(self.store_bucket)
         ensure_bucket(self.remote_client(), self.remote_bucket)
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {
             **os.environ,
             "PHOTOFERRY_AMQP_URL": self.amqp_url,
-            "PHOTOFERRY_STORE_ENDPOINT": self.local.endpoint,
+            "PHOTOFERRY_STORE_ENDPOINT": self.store_endpoint,
             "PHOTOFERRY_STORE_ACCESS_KEY": self.local.access_key,
             "PHOTOFERRY_STORE_SECRET_KEY": self.local.secret_key,
             "PHOTOFERRY_STORE_BUCKET": self.store_bucket,
@@ -83,12 +106,15 @@ class Site:
         env.update(overrides)
         return env
 
-    def local_keys(self, prefix: str = "photos/") -> list[str]:
-        client = self.local_client()
-        keys: list[str] = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.store_bucket, Prefix=prefix):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-        return keys
+    def local_keys(self, prefix: str = "photos/", bucket: str | None = None) -> list[str]:
+        """Keys that start with ``prefix`` (the store lists whole path segments: its folder is listed)."""
+        folder = prefix.rpartition("/")[0] + "/" if "/" in prefix else ""
+
+        async def listing() -> list[str]:
+            return [item["path"] async for page in self.local_store(bucket).list(folder) for item in page
+                    if item["path"].startswith(prefix)]
+
+        return asyncio.run(listing())
 
     def drain(self, *queues: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Take every message now on ``queues`` (both shipping queues, fresh and backlog, by default)."""
@@ -238,9 +264,9 @@ def metric_value(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def store_settings(site: Site) -> StoreSettings:
-    return StoreSettings(endpoint=site.local.endpoint, access_key=site.local.access_key,
-                         secret_key=site.local.secret_key, bucket=site.store_bucket, region="us-east-1",
+def store_settings(site: Site, bucket: str | None = None) -> StoreSettings:
+    return StoreSettings(endpoint=site.store_endpoint, access_key=site.local.access_key,
+                         secret_key=site.local.secret_key, bucket=bucket or site.store_bucket, region="us-east-1",
                          timeout=10)
 
 

@@ -7,6 +7,7 @@ variable stops the service at start with a message naming the variable.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -137,9 +138,20 @@ class TracingSettings:
         )
 
 
+def store_endpoint(env: Env) -> str:
+    """The local store: an S3-protocol URL, or ``file:///path`` for the embedded store."""
+    value = required(env, "PHOTOFERRY_STORE_ENDPOINT")
+    if value.startswith("file:"):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(value).path)
+        if not value.startswith("file:///") or not path.startswith("/"):
+            raise ConfigError(f"PHOTOFERRY_STORE_ENDPOINT: {value!r} is not file:///an/absolute/path")
+        return "file://" + (path.rstrip("/") or "/")
+    return endpoint_url(env, "PHOTOFERRY_STORE_ENDPOINT")
+
+
 @dataclass(frozen=True)
 class StoreSettings:
-    """The local S3-protocol store (MinIO on a site)."""
+    """The local store: S3-protocol (MinIO on a site), or the embedded store on a file system."""
 
     endpoint: str
     access_key: str
@@ -150,10 +162,15 @@ class StoreSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> StoreSettings:
+        endpoint = store_endpoint(env)
+        # The embedded store is a directory: it has no credentials.
+        embedded = endpoint.startswith("file://")
         return cls(
-            endpoint=endpoint_url(env, "PHOTOFERRY_STORE_ENDPOINT"),
-            access_key=required(env, "PHOTOFERRY_STORE_ACCESS_KEY"),
-            secret_key=required(env, "PHOTOFERRY_STORE_SECRET_KEY"),
+            endpoint=endpoint,
+            access_key=optional(env, "PHOTOFERRY_STORE_ACCESS_KEY", "") if embedded else required(
+                env, "PHOTOFERRY_STORE_ACCESS_KEY"),
+            secret_key=optional(env, "PHOTOFERRY_STORE_SECRET_KEY", "") if embedded else required(
+                env, "PHOTOFERRY_STORE_SECRET_KEY"),
             bucket=optional(env, "PHOTOFERRY_STORE_BUCKET", "photoferry"),
             region=optional(env, "PHOTOFERRY_STORE_REGION", "us-east-1"),
             timeout=parsed(env, "PHOTOFERRY_STORE_TIMEOUT", parse_duration, "10s"),

@@ -14,6 +14,8 @@ delivery count.
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -25,6 +27,12 @@ ORIGIN_HEADER = "x-photoferry-origin"
 ATTEMPT_HEADER = "x-photoferry-attempt"
 LAST_ERROR_HEADER = "x-photoferry-last-error"
 PARK_REASON_HEADER = "x-photoferry-park-reason"
+# Which process published a copy, and (a gateway's) bytes it had stored by then: the store
+# keeper shares the room under the high watermark among the gateways, and each gateway
+# knows which of its photos the keeper's figure already counts (services/common/admission.py).
+PUBLISHER_HEADER = "x-photoferry-publisher"
+PUBLISHER_BYTES_HEADER = "x-photoferry-publisher-bytes"
+PUBLISHER = f"{socket.gethostname()}-{os.getpid()}"
 # Before the origin header: replays and the reconciler marked their copies so.
 _LEGACY_NOT_FIRST = ("x-photoferry-replayed", "x-photoferry-reconciled")
 
@@ -50,13 +58,16 @@ def shipping_message(
     last_error: str | None = None,
     park_reason: str | None = None,
     expires_in: float | None = None,
+    publisher_bytes: int | None = None,
 ) -> aio_pika.Message:
     """A persistent shipping message for a ``PhotoMessage`` body, with our headers only.
 
     ``expires_in`` (seconds) is the message's TTL: a fresh photo's message expires into
     the backlog queue when it is not shipped in time.
     """
-    headers: dict[str, Any] = {ORIGIN_HEADER: origin}
+    headers: dict[str, Any] = {ORIGIN_HEADER: origin, PUBLISHER_HEADER: PUBLISHER}
+    if publisher_bytes is not None:
+        headers[PUBLISHER_BYTES_HEADER] = publisher_bytes
     if attempt:
         headers[ATTEMPT_HEADER] = attempt
     if last_error:

@@ -100,6 +100,8 @@ def format_bytes(count: float) -> str:
 def format_duration(seconds: float) -> str:
     """A duration as a person writes it: ``45 s``, ``12 min``, ``3 h 20 min``, ``2 d 4 h``, ``more than a year``."""
     seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s".replace(".0 s", " s")  # 0.27 s is 0.3 s, not 0 s
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.common.admission import read_admission
+from services.common.admission import AdmissionView, read_admission
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
 from services.common.denylist import DenyListUnreadable, read_deny_list
@@ -28,7 +28,6 @@ from services.gateway.keys import (
     LIMITER,
     METRICS,
     STORE,
-    AdmissionView,
     DenyListView,
 )
 from services.gateway.metrics import GatewayMetrics
@@ -82,7 +81,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         if decision.open != app[ADMISSION].current.open:
             log.warning("admission %s", "opened" if decision.open else "closed",
                         extra={"reason": decision.reason, "used_bytes": decision.used_bytes})
-        app[ADMISSION].current = decision
+        app[ADMISSION].update(decision)
 
     supervisor.start("admission-watch", watch_admission, every=ADMISSION_REFRESH_S)
     supervisor.start("deny-list-watch", lambda: _watch_deny_list(app), every=DENY_LIST_REFRESH_S)

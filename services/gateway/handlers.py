@@ -96,9 +96,8 @@ def _admit(request: web.Request) -> _Admitted:
     config = request.app[CONFIG]
     try:
         token = _bearer_token(request, config)
-        admission = request.app[ADMISSION].current
-        if not admission.open:
-            raise _unavailable(config, f"the site's store is full ({admission.reason})")
+        if not request.app[ADMISSION].admits():
+            raise _unavailable(config, f"the site's store is full ({request.app[ADMISSION].refusal()})")
         body_format = upload.body_format(request.headers.get("Content-Type"))
         limit = upload.body_limit(body_format, config.max_image_bytes)
         declared_length = request.content_length
@@ -198,19 +197,20 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
     photo_id = photos.photo_id(photo.device_id, photo.captured_at, photo.sha256)
     key = photos.object_key(photo_id)
     log_fields(request).update(photo_id=photo_id, size=len(photo.image))
-    metadata = {
-        "device-id": photo.device_id,
-        "captured-at": photos.canonical_time(photo.captured_at),
-        "received-at": photos.canonical_time(datetime.now(UTC)),
-        "sha256": photo.sha256,
-    }
-    if photo.labels:
-        metadata["labels"] = upload.encode_labels(photo.labels)
+    metadata = photos.photo_metadata(
+        device_id=photo.device_id, captured_at=photo.captured_at, received_at=datetime.now(UTC),
+        sha256=photo.sha256, labels=upload.encode_labels(photo.labels) if photo.labels else None)
 
+    admission = request.app[ADMISSION]
+    if not admission.reserve(len(photo.image)):
+        raise _unavailable(config, f"the site's store is full ({admission.refusal()})")
+    created = False
     try:
-        created = await store.create(
-            key, photo.image, content_type=photo.content_type, metadata=metadata
-        )
+        try:
+            created = await store.create(key, photo.image, content_type=photo.content_type, metadata=metadata)
+        finally:
+            if not created:
+                admission.release(len(photo.image))
         if created:
             await _queue(request, photo_id, len(photo.image), photo.content_type, metadata, origin=messages.UPLOAD)
             request.app[METRICS].stored_bytes.inc(len(photo.image))
@@ -243,18 +243,10 @@ async def _queue(
     request: web.Request, photo_id: str, size: int, content_type: str, metadata: dict[str, str], *, origin: str
 ) -> None:
     config = request.app[CONFIG]
-    shipping = photos.PhotoMessage(
-        id=photo_id,
-        key=photos.object_key(photo_id),
-        size=size,
-        sha256=metadata["sha256"],
-        content_type=content_type,
-        device_id=metadata["device-id"],
-        captured_at=metadata["captured-at"],
-        received_at=metadata["received-at"],
-    )
+    shipping = photos.PhotoMessage.from_metadata(photo_id, size=size, content_type=content_type, metadata=metadata)
     # A new photo goes to the fresh queue; unshipped within the window, it expires into the backlog.
-    message = messages.shipping_message(shipping.to_json(), origin=origin, expires_in=config.fresh_window)
+    message = messages.shipping_message(shipping.to_json(), origin=origin, expires_in=config.fresh_window,
+                                        publisher_bytes=request.app[ADMISSION].stored_bytes)
     try:
         await request.app[BROKER].publish(
             topology.PHOTOS_EXCHANGE,

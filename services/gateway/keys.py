@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.common.admission import Admission
+from services.common.admission import AdmissionView
 from services.common.broker import Broker
 from services.common.config import GatewayConfig
 from services.common.denylist import DenyList
@@ -19,13 +19,6 @@ BROKER = web.AppKey("broker", Broker)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 BUDGET = web.AppKey("budget", InflightBudget)
 LIMITER = web.AppKey("limiter", DeviceLimiter)
-
-
-class AdmissionView:
-    """The store keeper's latest admission decision, as this gateway last read it."""
-
-    def __init__(self) -> None:
-        self.current = Admission()
 
 
 ADMISSION = web.AppKey("admission", AdmissionView)

@@ -11,9 +11,8 @@ from services.common.broker import Broker
 from services.common.config import StoreKeeperConfig
 from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
-from services.common.s3 import s3_client
 from services.common.service import run_service
-from services.store import api
+from services.store import api, pagesecurity
 from services.store.keeper import Keeper
 from services.store.metrics import KeeperMetrics
 from services.store.tap import Tap
@@ -22,17 +21,16 @@ from services.store.tap import Tap
 def create_app(config: StoreKeeperConfig) -> web.Application:
     metrics = KeeperMetrics()
     app = service_app(metrics.http, dependencies=lambda app: (app[api.KEEPER].broker, app[api.KEEPER].store),
-                      retry_after=5, middlewares=(api.operator_auth,))
+                      retry_after=5, middlewares=(pagesecurity.security_headers, api.operator_auth))
     store = config.store
     broker = Broker(config.amqp_url, name=f"photoferry-store@{socket.gethostname()}")
-    admin = s3_client(store.endpoint, access_key=store.access_key, secret_key=store.secret_key, region=store.region,
-                      connect_timeout=min(2.0, store.timeout), read_timeout=store.timeout)
-    keeper = Keeper(config, store=LocalStore(store), admin=admin, broker=broker, tap=Tap(), metrics=metrics)
+    keeper = Keeper(config, store=LocalStore(store), broker=broker, tap=Tap(), metrics=metrics)
     broker.on_ready = keeper.on_broker_ready
     app[api.KEEPER] = keeper
     app[api.OPERATOR_AUTH] = api.OperatorAuth(config.admin_token, config.admin_token_previous, metrics.registry)
     app.cleanup_ctx.append(_keeping)
     api.add_routes(app)
+    pagesecurity.add_asset_routes(app)
     return app
 
 

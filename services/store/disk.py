@@ -1,5 +1,7 @@
 """The local store's disk as MinIO itself reports it, and how full the store is.
 
+(The embedded store's disk is read from its file system: ``capacity.FileSystemGauge``.)
+
 The keeper counts the bytes of photos it keeps (``PHOTOFERRY_STORE_CAPACITY`` is
 their budget), but the disk under MinIO can fill for other reasons: other
 buckets, versions, a smaller volume than configured. When
@@ -114,6 +116,13 @@ class Usage:
         if self.disk is not None:
             excess = max(excess, self.disk.used_bytes - fraction * self.disk.total_bytes)
         return max(0, int(excess) + 1)
+
+    def room_under(self, fraction: float) -> int:
+        """Bytes that may still be stored before ``fraction`` full (0 when already past it)."""
+        room = fraction * self.capacity_bytes - self.photo_bytes
+        if self.disk is not None:
+            room = min(room, fraction * self.disk.total_bytes - self.disk.used_bytes)
+        return max(0, int(room))
 
     def describe(self) -> str:
         text = f"{self.photo_bytes} of {self.capacity_bytes} bytes of photos"
