@@ -374,11 +374,12 @@ def test_the_high_watermark_holds_at_a_high_rate(site: Site, logs: Path) -> None
         wait_until(lambda: status(keeper)["swept_at"] is not None, timeout=20, what="a first sweep")
         refusals = 0
 
-        def send(_: int) -> int:
+        def send(device: int) -> int:
             nonlocal refusals
             accepted = 0
             while refusals < 20:
-                response = upload(gateway.url, photo("cam-rate", jpeg(size)))
+                # A device of its own per thread: one device may have only two uploads in flight.
+                response = upload(gateway.url, photo(f"cam-rate-{device}", jpeg(size)))
                 if response.status_code == 201:
                     accepted += 1
                 elif response.status_code == 503:

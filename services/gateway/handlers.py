@@ -193,6 +193,9 @@ async def _store_and_queue(request: web.Request, photo: upload.Upload) -> web.Re
     if not broker.is_ready:
         # Checked before writing, so an outage does not leave objects behind.
         raise _unavailable(config, f"the message broker is unavailable ({broker.readiness()})")
+    if broker.blocked:
+        # Likewise while a resource alarm on the broker blocks new messages: nothing would be queued.
+        raise _unavailable(config, "the message broker takes no new message now (a resource alarm on the broker)")
 
     photo_id = photos.photo_id(photo.device_id, photo.captured_at, photo.sha256)
     key = photos.object_key(photo_id)
