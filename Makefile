@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-keeper bench-site soak definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site soak definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -49,6 +49,12 @@ bench-shipper: $(INSTALLED)
 	./devtools/system-deps.sh rclone
 	$(BIN)/python -m bench.shipper_cap
 
+## bench-shipper-rules: the shipper under a broker alarm, after a pause, and its lag under the cap, beside a baseline revision
+SHIPPER_RULES_ARGS ?= --baseline d7f1d65
+bench-shipper-rules: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	$(BIN)/python -m bench.shipper_rules $(SHIPPER_RULES_ARGS)
+
 ## bench-keeper: what one store sweep costs at a million photos (CPU, memory, requests)
 bench-keeper: $(INSTALLED)
 	$(BIN)/python -m bench.keeper_sweep
@@ -65,7 +71,7 @@ soak: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
-bench: bench-gateway bench-shipper bench-keeper bench-site
+bench: bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site
 
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)

@@ -302,8 +302,9 @@ class S3Server:
 class ServiceProcess:
     """One of our services (``python -m services.<name>``) as a child process."""
 
-    def __init__(self, name: str, env: dict[str, str], *, port: int, logfile: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], *, port: int, logfile: Path, code: Path = REPO) -> None:
         self.name = name
+        self.code = code  # the checkout whose services run (another one, for a benchmark's baseline)
         self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.port = port
         self.logfile = logfile
@@ -319,7 +320,7 @@ class ServiceProcess:
         with open(self.logfile, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{self.name}"],
-                env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, cwd=self.code, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         if wait in ("alive", "ready"):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from devtools.proxy import CountingProxy
-from devtools.servers import RabbitNode, S3Server, ServiceProcess, free_port
+from devtools.servers import REPO, RabbitNode, S3Server, ServiceProcess, free_port
 from services.common import photos, topology
 from services.common.config import StoreSettings
 from services.common.localstore import LocalStore
@@ -35,8 +35,9 @@ class PrivateSite:
     """A private site: broker, stores, proxies and services, each of which can be made to fail."""
 
     def __init__(self, workdir: Path, *, cap: str = "4MB", settings: dict[str, str] | None = None,
-                 store: str = "s3") -> None:
+                 store: str = "s3", code: Path = REPO) -> None:
         self.workdir = workdir
+        self.code = code  # the checkout whose services run
         self.settings = settings or {}  # PHOTOFERRY_* variables for the services, over the defaults below
         self.rabbit = RabbitNode(workdir / "rabbitmq")
         # The site's local store: an S3-protocol server, or the embedded store in a folder ("file").
@@ -61,7 +62,7 @@ class PrivateSite:
         for name in SERVICES:
             port = free_port()
             service = ServiceProcess(name, {**env, f"PHOTOFERRY_{name.upper()}_PORT": str(port)}, port=port,
-                                     logfile=self.workdir / "logs" / f"{name}.log")
+                                     logfile=self.workdir / "logs" / f"{name}.log", code=self.code)
             service.start(timeout=60)
             self.services[name] = service
 

@@ -135,3 +135,16 @@ def gateway(site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
 
 __all__ = ["DEVICE_SECRET"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``s3_store_only`` does not depend on the local store's kind (or only the
+    S3-protocol store has what it checks): it runs once, on the S3-protocol store."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_file = callspec is not None and callspec.params.get("store_kind") == "file"
+        (dropped if on_file and item.get_closest_marker("s3_store_only") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -64,10 +64,10 @@ def test_an_unforeseen_exception_is_parked_after_its_attempts_not_left_unacknowl
         buggy = BuggyTransfer(shipper.transfer)
         shipper.transfer = shipper.handler.transfer = buggy  # type: ignore[assignment]
         supervisor = Supervisor(CollectorRegistry())
-        shipper.connect(supervisor)
+        shipper.links.start(supervisor)
         shipper.start(supervisor)
         try:
-            await asyncio.wait_for(shipper.connected(), 20)
+            await asyncio.wait_for(shipper.links.connected(), 20)
             publisher = Broker(site.amqp_url, name="test-publisher")
             publisher.start()
             await asyncio.wait_for(publisher.connected(), 20)
@@ -81,7 +81,7 @@ def test_an_unforeseen_exception_is_parked_after_its_attempts_not_left_unacknowl
         finally:
             await shipper.stop()
             await supervisor.stop()
-            await shipper.disconnect()
+            await shipper.links.close()
         return buggy.calls
 
     assert asyncio.run(scenario()) == 1

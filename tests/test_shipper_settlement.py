@@ -67,18 +67,18 @@ def test_twelve_restarts_of_a_shipper_holding_a_photo_park_nothing(
         for _ in range(12):
             shipper = build_shipper(config, ShipperMetrics())
             supervisor = Supervisor(CollectorRegistry())
-            shipper.connect(supervisor)
+            shipper.links.start(supervisor)
             shipper.start(supervisor)
             try:
                 async with asyncio.timeout(20):
-                    await shipper.connected()
+                    await shipper.links.connected()
                     # It holds the photo, and is told to stop before it could send it.
                     while not shipper.handler.in_flight:  # noqa: ASYNC110 (the handler's own state, polled)
                         await asyncio.sleep(0.01)
             finally:
                 await shipper.stop()
                 await supervisor.stop()
-                await shipper.disconnect()
+                await shipper.links.close()
 
     asyncio.run(restart_twelve_times())
     fast = start_service("shipper", {**env, "PHOTOFERRY_SHIP_RATE": "10MB"}, logs)

@@ -104,14 +104,7 @@ def paused(keeper: ServiceProcess, shipper: ServiceProcess) -> Iterator[None]:
     assert operator(keeper, "POST", "/api/shipping/resume").status_code == 200
 
 
-@pytest.fixture
-def store_independent(store_kind: str) -> None:
-    """What does not depend on the store (the operator API's own rules, the page) runs once, on the S3 one."""
-    if store_kind == "file":
-        pytest.skip("independent of the store: run against the S3-protocol store only")
-
-
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/api/status"), ("GET", "/api/history"), ("POST", "/api/shipping/pause"),
@@ -126,7 +119,7 @@ def test_the_operator_api_needs_the_operator_token(keeper: ServiceProcess, metho
     assert requests.request(method, f"{keeper.url}{path}", headers=device, timeout=10).status_code == 401
 
 
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 @pytest.mark.parametrize(
     ("path", "body", "word"),
     [("/api/shipping/rate", {"rate": "fast"}, "rate"), ("/api/shipping/rate", {"rate": 0}, "above zero"),
@@ -143,7 +136,7 @@ def test_bad_operator_input_is_refused_and_changes_nothing(keeper: ServiceProces
     assert status(keeper)["control"] == before
 
 
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 def test_rate_and_pause_reach_the_shippers(keeper: ServiceProcess, shipper: ServiceProcess) -> None:
     def shipper_cap() -> float:
         return float(requests.get(f"{shipper.url}/status", timeout=10).json()["cap_bytes_per_s"])
@@ -436,9 +429,8 @@ class MinioMetricsStandIn:
         self.server.server_close()
 
 
-def test_a_disk_filling_for_other_reasons_closes_admission_too(site: Site, logs: Path, store_kind: str) -> None:
-    if store_kind == "file":
-        pytest.skip("MinIO's metrics are an S3-protocol store's; the embedded store reads its file system")
+@pytest.mark.s3_store_only  # MinIO's metrics: the embedded store reads its own file system instead
+def test_a_disk_filling_for_other_reasons_closes_admission_too(site: Site, logs: Path) -> None:
     # The photo budget is roomy (1 TB); the disk under the store is what fills.
     minio = MinioMetricsStandIn()
     site.rabbit.add_vhost(f"{site.name}-disk")
@@ -481,7 +473,7 @@ def test_a_disk_filling_for_other_reasons_closes_admission_too(site: Site, logs:
         minio.close()
 
 
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess, gateway: ServiceProcess,
                                                          tmp_path: Path) -> None:
     upload_many(gateway.url, 2, device="cam-page", size=20_000)
@@ -574,7 +566,7 @@ def photoferry(keeper: ServiceProcess, *args: str, token: str | None = ADMIN_TOK
                           timeout=60, check=False)
 
 
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 def test_the_operator_command_line(keeper: ServiceProcess, shipper: ServiceProcess) -> None:
     shown = photoferry(keeper, "status")
     assert shown.returncode == 0, shown.stderr
@@ -600,7 +592,7 @@ def test_the_operator_command_line(keeper: ServiceProcess, shipper: ServiceProce
     assert wrong.returncode == 2 and "401" in wrong.stderr
 
 
-@pytest.mark.usefixtures("store_independent")
+@pytest.mark.s3_store_only
 def test_a_token_with_bytes_that_are_not_utf8_is_refused_not_an_error(keeper: ServiceProcess) -> None:
     import socket
 

@@ -348,6 +348,37 @@ class Broker:
                 log.info("the broker connection closed with an error", extra={"error": str(exc)})
 
 
+class BrokerLinks:
+    """A service's two connections: one it publishes on, one it consumes on (a resource alarm
+    blocks the first only, so deliveries and their acknowledgements keep flowing)."""
+
+    def __init__(self, url: str, *, name: str) -> None:
+        self.publishing = Broker(url, name=f"{name} (publishing)")
+        # The service sets ``consuming.on_ready`` to start its consumers.
+        self.consuming = Broker(url, name=f"{name} (consuming)", confirms=False)
+
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        self.publishing.start(supervisor)
+        self.consuming.start(supervisor)
+
+    async def connected(self) -> None:
+        """Wait until both are up (callers bound it with a timeout)."""
+        await self.publishing.connected()
+        await self.consuming.connected()
+
+    async def close(self) -> None:
+        await self.consuming.close()
+        await self.publishing.close()
+
+    def readiness(self) -> str:
+        """``ok``, or which connection cannot be used and why."""
+        for what, broker in (("publishing", self.publishing), ("consuming", self.consuming)):
+            state = broker.readiness()
+            if state != "ok":
+                return f"{what}: {state}"
+        return "ok"
+
+
 async def bounded(action: Awaitable[T], what: str, *, timeout: float = QUERY_TIMEOUT_S) -> T:
     """Await a call on a robust channel (consume, cancel, qos) under a deadline; raise BrokerUnavailable."""
     try:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.common.broker import Broker
+from services.common.broker import BrokerLinks
 from services.common.config import ShipperConfig
 from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
@@ -34,16 +34,15 @@ def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
                         remote_bucket=config.remote.bucket, prefix=config.remote.prefix, limiter=limiter,
                         multipart_threshold=config.multipart_threshold, part_size=config.part_size)
     replica = f"{socket.gethostname()}-{os.getpid()}"
-    # Publishing and consuming on separate connections: a resource alarm blocks the first only.
-    publisher = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (publishing)")
-    consumer = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (consuming)", confirms=False)
-    return Shipper(config, publisher=publisher, consumer=consumer, store=local, transfer=transfer,
-                   metrics=metrics, replica=replica)
+    links = BrokerLinks(config.amqp_url, name=f"photoferry-shipper@{replica}")
+    shipper = Shipper(config, links=links, store=local, transfer=transfer, metrics=metrics, replica=replica)
+    links.consuming.on_ready = shipper.on_consumer_ready
+    return shipper
 
 
 def create_app(config: ShipperConfig) -> web.Application:
     metrics = ShipperMetrics()
-    app = service_app(metrics.http, dependencies=lambda app: (app[SHIPPER], app[SHIPPER].store),
+    app = service_app(metrics.http, dependencies=lambda app: (app[SHIPPER].links, app[SHIPPER].store),
                       retry_after=5)
     app[SHIPPER] = build_shipper(config, metrics)
     app.cleanup_ctx.append(_shipping)
@@ -54,12 +53,12 @@ def create_app(config: ShipperConfig) -> web.Application:
 async def _shipping(app: web.Application) -> AsyncIterator[None]:
     shipper = app[SHIPPER]
     supervisor = app[SUPERVISOR]
-    shipper.connect(supervisor)
+    shipper.links.start(supervisor)
     shipper.start(supervisor)
     yield
     await shipper.stop()
     await supervisor.stop()
-    await shipper.disconnect()
+    await shipper.links.close()
 
 
 async def status(request: web.Request) -> web.Response:

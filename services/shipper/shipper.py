@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from services.common import topology
-from services.common.broker import Broker
+from services.common.broker import Broker, BrokerLinks
 from services.common.config import ShipperConfig
 from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore
@@ -70,16 +70,16 @@ class Shipper:
         self,
         config: ShipperConfig,
         *,
-        publisher: Broker,
-        consumer: Broker,
+        links: BrokerLinks,
         store: LocalStore,
         transfer: Transfer,
         metrics: ShipperMetrics,
         replica: str,
     ) -> None:
         self.config = config
-        self.publisher = publisher
-        self.consumer = consumer
+        self.links = links
+        self.publisher = links.publishing
+        self.consumer = links.consuming
         self.store = store
         self.transfer = transfer
         self.metrics = metrics
@@ -99,9 +99,9 @@ class Shipper:
         self.fresh_share = config.schedule.fresh_share
         self._threads = Threads(2 * config.max_concurrency + 1)
         self.accounting = Accounting(metrics, self.limiter, self.lanes.values())
-        self.settlement = Settlement(publisher=publisher, store=store, metrics=metrics,
+        self.settlement = Settlement(publisher=self.publisher, store=store, metrics=metrics,
                                      fresh_window=config.fresh_window)
-        self.peers = Peers(replica=replica, publisher=publisher, pacing=self.pacing, accounting=self.accounting,
+        self.peers = Peers(replica=replica, publisher=self.publisher, pacing=self.pacing, accounting=self.accounting,
                            heartbeat=self.heartbeat, on_change=self._resplit)
         self.handler = Handler(config, store=store, transfer=transfer, limiter=self.limiter, pacing=self.pacing,
                                settlement=self.settlement, accounting=self.accounting, breaker=self.breaker,
@@ -115,17 +115,6 @@ class Shipper:
         self._resplit_later: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def connect(self, supervisor: Supervisor) -> None:
-        """Begin connecting to the broker: a connection to publish on, and one to consume on."""
-        self.consumer.on_ready = self.on_consumer_ready
-        self.publisher.start(supervisor)
-        self.consumer.start(supervisor)
-
-    async def connected(self) -> None:
-        """Wait until both connections are up (callers bound it with a timeout)."""
-        await self.publisher.connected()
-        await self.consumer.connected()
 
     def start(self, supervisor: Supervisor) -> None:
         supervisor.start("shipper-pace", self._pace, every=TICK_S, wake=self._wakeup)
@@ -177,18 +166,6 @@ class Shipper:
         await self.breaker.close()
         self._threads.close()
         log.info("shipper stopped")
-
-    async def disconnect(self) -> None:
-        await self.consumer.close()
-        await self.publisher.close()
-
-    def readiness(self) -> str:
-        """``ok``, or which connection to the broker cannot be used and why."""
-        for what, broker in (("publishing", self.publisher), ("consuming", self.consumer)):
-            state = broker.readiness()
-            if state != "ok":
-                return f"{what}: {state}"
-        return "ok"
 
     def state(self) -> str:
         if self._stopping:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.common.broker import Broker
+from services.common.broker import BrokerLinks
 from services.common.config import StoreKeeperConfig
 from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
@@ -20,12 +20,13 @@ from services.store.tap import Tap
 
 def create_app(config: StoreKeeperConfig) -> web.Application:
     metrics = KeeperMetrics()
-    app = service_app(metrics.http, dependencies=lambda app: (app[api.KEEPER].broker, app[api.KEEPER].store),
+    app = service_app(metrics.http, dependencies=lambda app: (app[api.KEEPER].links, app[api.KEEPER].store),
                       retry_after=5, middlewares=(pagesecurity.security_headers, api.operator_auth))
     store = config.store
-    broker = Broker(config.amqp_url, name=f"photoferry-store@{socket.gethostname()}")
-    keeper = Keeper(config, store=LocalStore(store), broker=broker, tap=Tap(), metrics=metrics)
-    broker.on_ready = keeper.on_broker_ready
+    # The tap listens on a connection of its own: a resource alarm blocks only the one that publishes.
+    links = BrokerLinks(config.amqp_url, name=f"photoferry-store@{socket.gethostname()}")
+    keeper = Keeper(config, store=LocalStore(store), links=links, tap=Tap(), metrics=metrics)
+    links.consuming.on_ready = keeper.on_listener_ready
     app[api.KEEPER] = keeper
     app[api.OPERATOR_AUTH] = api.OperatorAuth(config.admin_token, config.admin_token_previous, metrics.registry)
     app.cleanup_ctx.append(_keeping)
@@ -37,12 +38,12 @@ def create_app(config: StoreKeeperConfig) -> web.Application:
 async def _keeping(app: web.Application) -> AsyncIterator[None]:
     keeper = app[api.KEEPER]
     supervisor = app[SUPERVISOR]
-    keeper.broker.start(supervisor)
+    keeper.links.start(supervisor)
     keeper.start(supervisor)
     yield
     await supervisor.stop()
     await keeper.stop()
-    await keeper.broker.close()
+    await keeper.links.close()
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.common import topology
-from services.common.broker import Broker, BrokerUnavailable
+from services.common.broker import Broker, BrokerLinks, BrokerUnavailable
 from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore, StoreUnavailable
 from services.common.shipping import ShippingControl, read_control
@@ -42,11 +42,12 @@ STOP_SAVE_TIMEOUT_S = 5.0
 
 
 class Keeper:
-    def __init__(self, config: StoreKeeperConfig, *, store: LocalStore, broker: Broker, tap: Tap,
+    def __init__(self, config: StoreKeeperConfig, *, store: LocalStore, links: BrokerLinks, tap: Tap,
                  metrics: KeeperMetrics) -> None:
         self.config = config
         self.store = store
-        self.broker = broker
+        self.links = links
+        self.broker = broker = links.publishing  # reconciling, the operator's nudges, replays, queue figures
         self.tap = tap
         self.metrics = metrics
         self.capacity = Capacity(config, store=store, tap=tap, metrics=metrics)
@@ -93,7 +94,8 @@ class Keeper:
         supervisor.start("keeper-history", self._history_step, every=HISTORY_EVERY_S)
         supervisor.start("keeper-figures", self._figures_step, every=FIGURES_EVERY_S)
 
-    async def on_broker_ready(self, broker: Broker) -> None:
+    async def on_listener_ready(self, broker: Broker) -> None:
+        """The listening connection is up: hear the photos queued and shipped, and the shippers."""
         await self.tap.attach(broker)
 
     async def stop(self) -> None:
