@@ -153,7 +153,7 @@ class PrivateSite:
 
     def parked_markers(self) -> int:
         async def count() -> int:
-            return sum(len(page) async for page in self.local_store().list(photos.PARKED_PREFIX))
+            return sum([len(page) async for page in self.local_store().list(photos.PARKED_PREFIX)])
 
         return asyncio.run(count())
 
