@@ -45,12 +45,17 @@ FRESH_QUEUE_MAX_PHOTOS = 100
 
 # A failed shipment waits in one of these queues (its TTL) and then returns to the
 # shipping queue: the shipper never sleeps on a message it holds. The n-th retry
-# of a photo waits RETRY_DELAYS_S[min(n, len) - 1] seconds.
+# of a photo waits RETRY_DELAYS_S[min(n, len) - 1] seconds. They are quorum queues,
+# like every queue that holds photos: a classic queue lives on one broker node, and
+# while that node is down no service could even declare the topology. (Versions
+# before this one had classic queues named photoferry.retry.<N>s: they receive
+# nothing new and drain into the backlog within their TTL, after which they can
+# be deleted.)
 RETRY_DELAYS_S = (5, 30, 120, 600, 1800)
 
 
 def retry_queue(delay_s: int) -> str:
-    return f"photoferry.retry.{delay_s}s"
+    return f"photoferry.delay.{delay_s}s"
 
 # A message redelivered this often without an ack (a shipper crashing on it
 # every time) is dead-lettered to the parking queue instead of looping forever.
@@ -120,10 +125,13 @@ QUEUES = (
         Queue(
             retry_queue(delay),
             {
-                "x-queue-type": "classic",
+                "x-queue-type": "quorum",
                 "x-message-ttl": delay * 1000,
                 "x-dead-letter-exchange": PHOTOS_EXCHANGE,
                 "x-dead-letter-routing-key": SHIP_ROUTING_KEY,
+                # A photo waiting out its delay is moved to the backlog at least once.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
         for delay in RETRY_DELAYS_S
