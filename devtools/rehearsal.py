@@ -492,10 +492,13 @@ class Rehearsal:
                     raise RehearsalFailed(f'{pod.name}: secret "{source["secretRef"]["name"]}" not found')
                 env.update({source.get("prefix", "") + k: v for k, v in self.secret.items()})
         for variable in container.get("env", []):
-            env[variable["name"]] = self._value(pod, variable, env)
+            value = self._value(pod, variable, env)
+            if value is not None:
+                env[variable["name"]] = value
         return env
 
-    def _value(self, pod: PodState, variable: dict[str, Any], env: dict[str, str]) -> str:
+    def _value(self, pod: PodState, variable: dict[str, Any], env: dict[str, str]) -> str | None:
+        """A variable's value; None for an optional key that is not there (the kubelet leaves it unset)."""
         if "value" in variable:
             # $(NAME) refers to a variable defined before it; $$ escapes.
             return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
@@ -503,6 +506,8 @@ class Rehearsal:
         source = variable["valueFrom"]
         if "secretKeyRef" in source:
             ref = source["secretKeyRef"]
+            if ref.get("optional") and ref["name"] == self.secret_name and ref["key"] not in self.secret:
+                return None
             if ref["name"] != self.secret_name or ref["key"] not in self.secret:
                 raise RehearsalFailed(f"{pod.name}: no key {ref['key']} in secret {ref['name']}")
             return self.secret[ref["key"]]
