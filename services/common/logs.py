@@ -70,3 +70,10 @@ def setup_logging(settings: LogSettings) -> None:
     # aio-pika warns at every reconnection attempt (every 2 s of an outage); the
     # broker module says once that the connection is lost and once that it is back.
     logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)
+    # aiormq logs every failed connection attempt as an error; the broker module says what
+    # an operator needs (quietly while the broker starts, then why it is unreachable or refused).
+    logging.getLogger("aiormq.connection").addFilter(_not_a_connection_attempt)
+
+
+def _not_a_connection_attempt(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("error when creating transport")
