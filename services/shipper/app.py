@@ -14,6 +14,7 @@ from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
 from services.common.s3 import s3_client
 from services.common.service import run_service
+from services.shipper.delayprobe import DelayProbe, endpoint_address
 from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.shipper import Shipper
@@ -37,8 +38,10 @@ def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
     # Publishing and consuming on separate connections: a resource alarm blocks the first only.
     publisher = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (publishing)")
     consumer = Broker(config.amqp_url, name=f"photoferry-shipper@{replica} (consuming)", confirms=False)
+    # The band above the cap watches the round trip to where the uploads go (AWS: the client's own endpoint).
+    probe = DelayProbe(*endpoint_address(remote.meta.endpoint_url))
     return Shipper(config, publisher=publisher, consumer=consumer, store=local, transfer=transfer,
-                   metrics=metrics, replica=replica)
+                   metrics=metrics, replica=replica, delay_probe=probe)
 
 
 def create_app(config: ShipperConfig) -> web.Application:
