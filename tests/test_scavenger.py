@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 import pytest
 
-from services.shipper import scavenger
-from services.shipper.scavenger import (
-    MEASURING,
-    OFF,
-    UNMEASURED,
-    USING_IDLE_UPLINK,
-    YIELDING,
-    Scavenger,
+from services.common.shipping import (
+    SCAVENGING_MEASURING,
+    SCAVENGING_OFF,
+    SCAVENGING_UNMEASURED,
+    SCAVENGING_USING,
+    SCAVENGING_YIELDING,
 )
+from services.shipper import scavenger
+from services.shipper.scavenger import Scavenger
 
 MB = 1_000_000
 FLOOR, CEILING = 1 * MB, 4.5 * MB
@@ -61,17 +61,17 @@ def queue(ms: float) -> Callable[[float], float]:
 def test_without_a_band_the_rate_is_the_floor() -> None:
     path = Path()
     assert path.run(5, idle, ceiling=FLOOR) == FLOOR
-    assert path.ctl.state == OFF
+    assert path.ctl.state == SCAVENGING_OFF
     assert path.run(5, idle, ceiling=0.0) == FLOOR
 
 
 def test_it_measures_first_then_climbs_to_the_ceiling_on_an_idle_path() -> None:
     path = Path()
     assert path.run(0.2, idle) == FLOOR
-    assert path.ctl.state == MEASURING
+    assert path.ctl.state == SCAVENGING_MEASURING
     path.run(scavenger.CLIMB_S + 1, idle)
     assert path.rates[-1][1] == CEILING
-    assert path.ctl.state == USING_IDLE_UPLINK
+    assert path.ctl.state == SCAVENGING_USING
     assert path.ctl.base_delay_s == pytest.approx(BASE)
     assert path.ctl.queueing_delay_s == 0
     reached = path.first_time(0, lambda rate: rate >= 0.85 * CEILING)
@@ -84,7 +84,7 @@ def test_a_queue_above_the_target_brings_it_down_to_the_floor_within_a_second() 
     assert path.rates[-1][1] == CEILING
     started = path.now
     path.run(2, queue(30))
-    assert path.ctl.state == YIELDING
+    assert path.ctl.state == SCAVENGING_YIELDING
     assert path.first_time(started, lambda rate: rate <= FLOOR) is not None
     assert path.first_time(started, lambda rate: rate <= FLOOR) <= 1.0
     assert min(rate for _, rate in path.rates) == FLOOR  # never below
@@ -120,7 +120,7 @@ def test_a_probe_caught_behind_a_burst_is_not_a_queue() -> None:
     path.run(4, idle)
     path.run(1, lambda t: BASE + (0.050 if round(t * 10) % 3 == 0 else 0))  # one sample in three
     assert path.rates[-1][1] == CEILING
-    assert path.ctl.state == USING_IDLE_UPLINK
+    assert path.ctl.state == SCAVENGING_USING
 
 
 def test_when_the_queue_goes_it_climbs_back_within_a_few_seconds() -> None:
@@ -132,7 +132,7 @@ def test_when_the_queue_goes_it_climbs_back_within_a_few_seconds() -> None:
     path.run(6, idle)
     back = path.first_time(stopped, lambda rate: rate >= 0.85 * CEILING)
     assert back is not None and back <= 4.0
-    assert path.ctl.state == USING_IDLE_UPLINK
+    assert path.ctl.state == SCAVENGING_USING
 
 
 def test_without_samples_it_stays_at_the_floor_and_measures_afresh() -> None:
@@ -140,11 +140,11 @@ def test_without_samples_it_stays_at_the_floor_and_measures_afresh() -> None:
     path.run(4, idle)
     path.run(scavenger.STALE_AFTER_S + 0.2, lambda _t: None)
     assert path.rates[-1][1] == FLOOR
-    assert path.ctl.state == UNMEASURED
+    assert path.ctl.state == SCAVENGING_UNMEASURED
     assert path.ctl.queueing_delay_s is None
     path.run(0.2, idle)
     assert path.rates[-1][1] == FLOOR
-    assert path.ctl.state == MEASURING
+    assert path.ctl.state == SCAVENGING_MEASURING
     path.run(4, idle)
     assert path.rates[-1][1] == CEILING
 
@@ -157,7 +157,7 @@ def test_it_slows_down_to_the_floor_every_so_often_on_the_wall_clock() -> None:
     assert slowed and min(slowed) == pytest.approx(scavenger.SLOWDOWN_EVERY_S - 1 + PROBE_EVERY, abs=0.11)
     assert max(slowed) - min(slowed) < scavenger.SLOWDOWN_S
     assert path.rates[-1][1] == CEILING
-    assert path.ctl.state == USING_IDLE_UPLINK  # a slowdown is not news for operators
+    assert path.ctl.state == SCAVENGING_USING  # a slowdown is not news for operators
 
 
 def test_the_base_is_the_least_delay_of_the_last_minutes_and_forgets_older_ones() -> None:

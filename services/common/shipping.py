@@ -31,6 +31,16 @@ CONTROL_KEY = "state/shipping-control.json"
 # they come often; a replica not heard from for PEER_TTL_S is gone.
 HEARTBEAT_EVERY_S = 1.0
 PEER_TTL_S = 4.0
+# What the band above the cap is doing (a replica's heartbeat says; services.shipper.scavenger decides).
+SCAVENGING_OFF = "off"  # no band in force (no ceiling, or not above the cap)
+SCAVENGING_IDLE = "idle"  # a band in force, but nothing to ship
+SCAVENGING_MEASURING = "measuring"  # learning the path's delay before using the band
+SCAVENGING_USING = "using_idle_uplink"
+SCAVENGING_YIELDING = "yielding"  # the path queues: other traffic needs the uplink
+SCAVENGING_UNMEASURED = "unmeasured"  # no recent delay sample: at the floor until there is one
+# Most telling first: the one operators are shown when replicas differ.
+SCAVENGING_STATES = (SCAVENGING_UNMEASURED, SCAVENGING_YIELDING, SCAVENGING_USING, SCAVENGING_MEASURING,
+                     SCAVENGING_IDLE, SCAVENGING_OFF)
 # The nudge after a change is a courtesy (shippers re-read the settings every few
 # seconds anyway): an operator's request does not wait long for it.
 NUDGE_TIMEOUT_S = 1.0
@@ -185,7 +195,7 @@ class Heartbeat:
     # The band above the cap (a replica of an earlier version sends none of these: the defaults).
     ceiling_bytes_per_s: float = 0.0  # site-wide ceiling in force; 0: no band
     allowed_bytes_per_s: float = 0.0  # this replica's rate now: its share, and what the band adds
-    scavenging: str = "off"  # off, measuring, using_idle_uplink, yielding, unmeasured (services.shipper.scavenger)
+    scavenging: str = SCAVENGING_OFF  # one of SCAVENGING_STATES
     queueing_delay_s: float | None = None  # on the path to S3, as last measured
     base_delay_s: float | None = None  # the path's delay with no queue
     delay_target_s: float | None = None  # the queueing delay above which the band yields

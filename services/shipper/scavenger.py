@@ -39,13 +39,13 @@ from __future__ import annotations
 
 from collections import deque
 
-OFF = "off"  # no band in force (no ceiling, or not above the cap)
-MEASURING = "measuring"  # learning the path's delay before using the band
-USING_IDLE_UPLINK = "using_idle_uplink"
-YIELDING = "yielding"  # the path queues: other traffic needs the uplink
-UNMEASURED = "unmeasured"  # no recent delay sample: at the floor until there is one
-IDLE = "idle"  # a band in force, but the replica has nothing to ship (the shipper says so, not the controller)
-STATES = (OFF, IDLE, MEASURING, USING_IDLE_UPLINK, YIELDING, UNMEASURED)
+from services.common.shipping import (
+    SCAVENGING_MEASURING,
+    SCAVENGING_OFF,
+    SCAVENGING_UNMEASURED,
+    SCAVENGING_USING,
+    SCAVENGING_YIELDING,
+)
 
 BASE_BUCKET_S = 60.0
 BASE_BUCKETS = 10  # the base delay is the least sample of the last 10 minutes
@@ -68,7 +68,7 @@ class Scavenger:
         if target_s <= 0:
             raise ValueError("the target queueing delay must be above zero")
         self.target_s = target_s
-        self.state = OFF
+        self.state = SCAVENGING_OFF
         self.queueing_delay_s: float | None = None
         self._rate = 0.0  # as the controller has it; the slowdowns do not change it
         self._recent: deque[tuple[float, float]] = deque()  # (when, delay), the last CURRENT_SPAN_S
@@ -93,27 +93,27 @@ class Scavenger:
     def step(self, now: float, wall: float, *, floor: float, ceiling: float) -> float:
         """The rate this replica may send at now, between ``floor`` and ``ceiling`` (bytes per second)."""
         if ceiling <= floor:
-            self._deactivate(OFF)
+            self._deactivate(SCAVENGING_OFF)
             return floor
         if not self._active:
             self._active = True
             self._samples_since_active = 0
             self._rate = floor
-            self.state = MEASURING
+            self.state = SCAVENGING_MEASURING
         current = self._current(now)
         if current is None:
             # Blind: the floor until samples come again, then measure afresh.
             self._samples_since_active = 0
             self._rate = floor
             self._stepped_at = None
-            self.state = UNMEASURED if self.state != MEASURING else MEASURING
+            self.state = SCAVENGING_UNMEASURED if self.state != SCAVENGING_MEASURING else SCAVENGING_MEASURING
             self.queueing_delay_s = None
             return floor
         queueing = max(0.0, current - min(self._base.values()))
         self.queueing_delay_s = queueing
         if self._samples_since_active < WARM_SAMPLES:
             self._rate = floor
-            self.state = MEASURING
+            self.state = SCAVENGING_MEASURING
             return floor
         dt = 0.0 if self._stepped_at is None else min(max(0.0, now - self._stepped_at), MAX_STEP_S)
         self._stepped_at = now
@@ -121,14 +121,14 @@ class Scavenger:
             return floor
         band = ceiling - floor
         if queueing > self.target_s:
-            self.state = YIELDING
+            self.state = SCAVENGING_YIELDING
             if now - self._decreased_at >= max(DECREASE_EVERY_S, current):
                 self._decreased_at = now
                 self._rate *= 1 - min(MAX_DECREASE, queueing / self.target_s - 1)
         else:
             self._rate += band / CLIMB_S * dt * (1 - queueing / self.target_s)
             if self._rate - floor > USING_ABOVE * band:
-                self.state = USING_IDLE_UPLINK
+                self.state = SCAVENGING_USING
         self._rate = min(max(self._rate, floor), ceiling)
         return self._rate
 

@@ -41,7 +41,15 @@ from services.common.broker import Broker
 from services.common.config import ShipperConfig
 from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore
-from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippingControl, read_control
+from services.common.shipping import (
+    HEARTBEAT_EVERY_S,
+    SCAVENGING_IDLE,
+    SCAVENGING_OFF,
+    SCAVENGING_STATES,
+    Heartbeat,
+    ShippingControl,
+    read_control,
+)
 from services.common.supervise import StepResult, Supervisor
 from services.shipper import pacing
 from services.shipper.accounting import Accounting
@@ -54,7 +62,7 @@ from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.pacing import CapShare
 from services.shipper.peers import Peers
-from services.shipper.scavenger import IDLE, OFF, STATES, Scavenger
+from services.shipper.scavenger import Scavenger
 from services.shipper.settlement import Settlement
 from services.shipper.threads import Threads
 from services.shipper.transfer import Transfer
@@ -244,8 +252,8 @@ class Shipper:
         """What the band above the cap is doing: ``off`` (none in force), ``idle`` (nothing to
         ship), or the controller's state (measuring, using_idle_uplink, yielding, unmeasured)."""
         if self.ceiling <= 0:
-            return OFF
-        return self.scavenger.state if self._band_in_use() else IDLE
+            return SCAVENGING_OFF
+        return self.scavenger.state if self._band_in_use() else SCAVENGING_IDLE
 
     # -- the pace loop ---------------------------------------------------------------------
 
@@ -455,7 +463,7 @@ class Shipper:
         m.ceiling.set(self.ceiling)
         m.allowed.set(self.allowed)
         scavenging = self.scavenging()
-        for state in STATES:
+        for state in SCAVENGING_STATES:
             m.scavenging.labels(state).set(1 if state == scavenging else 0)
         delay = self.scavenger.queueing_delay_s if self._band_in_use() else None
         m.queueing_delay.set(delay if delay is not None else float("nan"))
