@@ -118,9 +118,18 @@ def test_near_the_target_it_climbs_more_slowly_than_on_an_empty_queue() -> None:
 def test_a_probe_caught_behind_a_burst_is_not_a_queue() -> None:
     path = Path()
     path.run(4, idle)
-    path.run(1, lambda t: BASE + (0.050 if round(t * 10) % 3 == 0 else 0))  # one sample in three
+    burst = TARGET * scavenger.STRONG_QUEUE  # as long as a burst of a few dozen KB keeps a link busy
+    path.run(1, lambda t: BASE + (burst if round(t * 10) % 3 == 0 else 0))  # one sample in three
     assert path.rates[-1][1] == CEILING
     assert path.ctl.state == SCAVENGING_USING
+
+
+def test_a_single_probe_far_above_the_target_is_a_queue_at_once() -> None:
+    path = Path()
+    path.run(4, idle)
+    path.run(PROBE_EVERY, queue(80))
+    assert path.rates[-1][1] == CEILING / 2
+    assert path.ctl.state == SCAVENGING_YIELDING
 
 
 def test_when_the_queue_goes_it_climbs_back_within_a_few_seconds() -> None:

@@ -9,8 +9,10 @@ Update), on a rate instead of a congestion window:
 - **Delay.** Round trips to the S3 endpoint are sampled continuously (a probe,
   ``delayprobe``). The *base* delay is the least sample of the last
   ``BASE_BUCKETS`` minutes (kept as one minimum a minute); the *current* delay
-  is the least sample of the last ``CURRENT_SPAN_S`` (a single probe caught
-  behind a burst is not a queue); queueing delay is the difference. A link with
+  is the lesser of the last ``CURRENT_SAMPLES`` (a single probe caught behind a
+  burst is not a queue), unless the newest alone is ``STRONG_QUEUE`` times the
+  target above the base (no burst queues that long: someone fills the link, act
+  now); queueing delay is the difference. A link with
   room to spare keeps no queue; a link someone fills keeps one.
 - **Up additively** while the queueing delay is under the target: from the
   floor to the ceiling in ``CLIMB_S`` on an empty queue, more slowly as the
@@ -49,7 +51,8 @@ from services.common.shipping import (
 
 BASE_BUCKET_S = 60.0
 BASE_BUCKETS = 10  # the base delay is the least sample of the last 10 minutes
-CURRENT_SPAN_S = 0.25
+CURRENT_SAMPLES = 2
+STRONG_QUEUE = 4.0
 STALE_AFTER_S = 1.0
 WARM_SAMPLES = 3
 CLIMB_S = 2.5
@@ -71,7 +74,7 @@ class Scavenger:
         self.state = SCAVENGING_OFF
         self.queueing_delay_s: float | None = None
         self._rate = 0.0  # as the controller has it; the slowdowns do not change it
-        self._recent: deque[tuple[float, float]] = deque()  # (when, delay), the last CURRENT_SPAN_S
+        self._recent: deque[tuple[float, float]] = deque(maxlen=CURRENT_SAMPLES)  # (when, delay)
         self._base: dict[int, float] = {}  # minute -> least delay sampled in it
         self._active = False
         self._samples_since_active = 0
@@ -81,8 +84,6 @@ class Scavenger:
     def sample(self, delay_s: float, now: float) -> None:
         """A round trip to S3 measured at ``now`` (a probe that got no answer: its timeout)."""
         self._recent.append((now, delay_s))
-        while self._recent and self._recent[0][0] < now - STALE_AFTER_S:
-            self._recent.popleft()
         minute = int(now // BASE_BUCKET_S)
         self._base[minute] = min(delay_s, self._base.get(minute, delay_s))
         for old in [m for m in self._base if m <= minute - BASE_BUCKETS]:
@@ -101,6 +102,8 @@ class Scavenger:
             self._rate = floor
             self.state = SCAVENGING_MEASURING
         current = self._current(now)
+        if current is not None and self._recent[-1][1] - min(self._base.values()) > STRONG_QUEUE * self.target_s:
+            current = self._recent[-1][1]  # a queue no burst makes: no second sample to wait for
         if current is None:
             # Blind: the floor until samples come again, then measure afresh.
             self._samples_since_active = 0
@@ -138,11 +141,9 @@ class Scavenger:
         return min(self._base.values()) if self._base else None
 
     def _current(self, now: float) -> float | None:
-        """The least delay over the span before the newest sample; None when that is stale."""
-        if not self._recent or self._recent[-1][0] < now - STALE_AFTER_S:
-            return None
-        newest = self._recent[-1][0]
-        return min(delay for when, delay in self._recent if when >= newest - CURRENT_SPAN_S)
+        """The least of the last samples that are not stale; None when none is fresh."""
+        fresh = [delay for when, delay in self._recent if when >= now - STALE_AFTER_S]
+        return min(fresh) if fresh else None
 
     def _slowing_down(self, wall: float, floor: float) -> bool:
         return self._rate > floor and wall % SLOWDOWN_EVERY_S < SLOWDOWN_S

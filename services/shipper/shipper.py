@@ -355,6 +355,7 @@ class Shipper:
         self._measuring = self._band_in_use()
         if not self._measuring:
             return BAND_RECHECK_S
+        started = time.monotonic()
         try:
             delay = await self.delay_probe.round_trip()
         except OSError as exc:
@@ -367,7 +368,7 @@ class Shipper:
             self.scavenger.sample(delay, time.monotonic())
         self.limiter.charge(PROBE_BYTES)  # the probe's packets count towards the cap too
         self._resplit()
-        return None
+        return max(0.0, started + PROBE_EVERY_S - time.monotonic())  # a sample every 100 ms, however long each took
 
     @contextlib.contextmanager
     def _dependency(self, what: str) -> Iterator[None]:
