@@ -29,6 +29,7 @@ Needs root, and ``ip``/``tc`` (``devtools/system-deps.sh iproute2``).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
@@ -52,12 +53,13 @@ import requests
 from devtools.netns import call_in, inside, remove_netns, remove_stale_namespaces, run, thread_in
 from devtools.proxy import BUCKET_S, CountingProxy
 from devtools.servers import S3Server, wait_until
-from devtools.site import ADMIN_TOKEN, DEVICE_SECRET, ExternalRemote, PrivateSite
+from devtools.site import ADMIN_TOKEN, DEVICE_SECRET, PREFIX, REMOTE_BUCKET, ExternalRemote, PrivateSite
+from services.common import photos
 from services.common.tokens import device_token
 from services.devices.client import DeviceClient, Photo
 from services.devices.jpegs import JpegMaker
 
-PREFIX = "pfu"  # namespaces pfu<pid>-site, -router, -inet; folders photoferry-uplink-<pid>-*
+BED_PREFIX = "pfu"  # namespaces pfu<pid>-site, -router, -inet; folders photoferry-uplink-<pid>-*
 SITE_ADDRESS, ROUTER_LAN = "10.77.1.2", "10.77.1.1"
 INTERNET_ADDRESS, ROUTER_WAN = "10.77.2.2", "10.77.2.1"
 SINK_PORT, ECHO_PORT = 5001, 5002
@@ -86,7 +88,7 @@ class UplinkBed:
 
     def __init__(self, *, rate: str = LINK_RATE, burst: str = "64kb", latency: str = "80ms") -> None:
         self.rate, self.burst, self.latency = rate, burst, latency
-        tag = f"{PREFIX}{os.getpid()}"
+        tag = f"{BED_PREFIX}{os.getpid()}"
         self.site, self.router, self.internet = f"{tag}-site", f"{tag}-router", f"{tag}-inet"
         self.namespaces: list[str] = []
 
@@ -129,7 +131,7 @@ class UplinkBed:
 
 def remove_leftovers() -> list[str]:
     """Remove what a bed that was killed left: its namespaces (and what runs in them), its folders."""
-    removed = remove_stale_namespaces(PREFIX)
+    removed = remove_stale_namespaces(BED_PREFIX)
     for folder in Path(tempfile.gettempdir()).glob("photoferry-uplink-*"):
         match = re.fullmatch(r"photoferry-uplink-(\d+)-.*", folder.name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
@@ -328,6 +330,24 @@ class UplinkSite:
 
     def shipper_status(self) -> dict[str, Any]:
         return requests.get(f"{self.site.services['shipper'].url}/status", timeout=5).json()  # type: ignore[no-any-return]
+
+    def ledger(self, ids: list[str]) -> dict[str, int]:
+        """Nothing lost or shipped twice: of the photos ``ids``, those marked shipped against those in S3,
+        and how many the shipper's log says it uploaded twice."""
+        async def markers() -> set[str]:
+            return {item["path"] async for page in self.site.local_store().list(photos.SHIPPED_PREFIX)
+                    for item in page}
+
+        shipped = asyncio.run(markers())
+        in_s3 = {item["Key"].removeprefix(PREFIX) for page in self.site.remote_client().get_paginator(
+            "list_objects_v2").paginate(Bucket=REMOTE_BUCKET, Prefix=PREFIX + photos.PHOTOS_PREFIX)
+            for item in page.get("Contents", [])}
+        marked = {photos.object_key(i) for i in ids if photos.shipped_marker_key(i) in shipped}
+        uploads = self.site.uploads_per_photo()
+        return {"photos": len(ids), "in_s3": len(in_s3), "marked_shipped": len(marked),
+                "marked_but_not_in_s3": len(marked - in_s3), "in_s3_but_not_marked": len(in_s3 - marked),
+                "uploaded_twice": sum(1 for n in uploads.values() if n > 1),
+                "uploaded_not_ours": len(set(uploads) - set(ids))}
 
     def fill_backlog(self, total_bytes: int, *, photo_bytes: int = 250_000, devices: int = 16,
                      seed: int = 18) -> list[str]:
