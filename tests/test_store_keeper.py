@@ -165,7 +165,6 @@ def test_rate_and_pause_reach_the_shippers(keeper: ServiceProcess, shipper: Serv
     wait_until(lambda: shipper_cap() == 4e6, timeout=10, what="back to the schedule")
 
 
-@pytest.mark.usefixtures("store_independent")
 def test_the_ceiling_of_the_band_above_the_cap_reaches_the_shippers(keeper: ServiceProcess,
                                                                     shipper: ServiceProcess) -> None:
     def shipper_ceiling() -> float:

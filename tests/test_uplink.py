@@ -21,10 +21,7 @@ from devtools.netns import netns_list, netns_pids, run
 from devtools.servers import RABBITMQ_SERVER, wait_until
 from devtools.uplink import BED_PREFIX, UplinkSite, remove_leftovers, site_on_uplink
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the uplink bed needs root: network namespaces and tc"),
-    pytest.mark.skipif(shutil.which("tc") is None, reason="needs iproute2 (make test installs it)"),
-]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the uplink bed needs root: network namespaces and tc")
 
 MB = 1_000_000
 FLOOR, CEILING = 1 * MB, 4.5 * MB
@@ -44,8 +41,9 @@ def phase(rig: UplinkSite, state: str) -> tuple[float, float]:
     return start, start + MEASURE_S
 
 
-@pytest.mark.skipif(not RABBITMQ_SERVER.exists(), reason="needs the rabbitmq-server package (make test installs it)")
 def test_the_band_ships_on_the_idle_uplink_yields_to_the_farm_and_comes_back() -> None:
+    assert RABBITMQ_SERVER.exists(), "the rabbitmq-server package is missing (make test installs it)"
+    assert shutil.which("tc"), "tc is missing: iproute2 (make test installs it)"
     with site_on_uplink(cap="1MB", settings={"PHOTOFERRY_SHIP_CEILING": "4.5MB"}) as rig:
         made = list(rig.bed.namespaces)
         rig.operator("POST", "/api/shipping/pause")
