@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site soak definitions lock clean
+.PHONY: up test chaos monitoring lint bench bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site bench-uplink soak definitions lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	./devtools/system-deps.sh python
@@ -65,13 +65,20 @@ bench-site: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.site $(BENCH_SITE_ARGS)
 
+## bench-uplink: the band above the cap against fixed caps on an emulated uplink, as root (about 6 min)
+BENCH_UPLINK_ARGS ?= --phase 30
+bench-uplink: $(INSTALLED)
+	./devtools/system-deps.sh rabbitmq
+	./devtools/system-deps.sh iproute2
+	$(BIN)/python -m bench.uplink $(BENCH_UPLINK_ARGS)
+
 ## soak: the site's load for an hour on a site in a box whose store fills and empties (SOAK_ARGS="--minutes 10")
 SOAK_ARGS ?= --minutes 60
 soak: $(INSTALLED)
 	./devtools/system-deps.sh rabbitmq
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
-bench: bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site
+bench: bench-gateway bench-shipper bench-shipper-rules bench-keeper bench-site bench-uplink
 
 ## definitions: regenerate rabbitmq/definitions.json from services/common/topology.py
 definitions: $(INSTALLED)

@@ -49,20 +49,21 @@ REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) /\S* HTTP/1\.1\r\n")
 class CountingProxy:
     """Handle on a proxy process."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1") -> None:
         self.target = f"{target_host}:{target_port}"
+        self.listen_host = listen_host  # where clients reach it (its control API stays on loopback)
         self.port = free_port()
         self.control_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     def start(self) -> CountingProxy:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "devtools.proxy", "--target", self.target, "--port", str(self.port),
-             "--control-port", str(self.control_port)], cwd=REPO, start_new_session=True,
+            [sys.executable, "-m", "devtools.proxy", "--target", self.target, "--host", self.listen_host,
+             "--port", str(self.port), "--control-port", str(self.control_port)], cwd=REPO, start_new_session=True,
         )
         wait_until(lambda: self._call("GET", "counts") is not None, timeout=20, what="the proxy")
         return self
@@ -117,8 +118,9 @@ class CountingProxy:
 class _Proxy:
     """The proxy itself (in its own process)."""
 
-    def __init__(self, target: tuple[str, int], port: int) -> None:
+    def __init__(self, target: tuple[str, int], host: str, port: int) -> None:
         self.target = target
+        self.host = host
         self.port = port
         self.counts: Counter[int] = Counter()
         self.requests: Counter[str] = Counter()
@@ -131,7 +133,7 @@ class _Proxy:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
 
     async def cut(self) -> None:
         if self._server is not None:
@@ -255,8 +257,8 @@ def _control_app(proxy: _Proxy) -> web.Application:
     return app
 
 
-async def _main(target: tuple[str, int], port: int, control_port: int) -> None:
-    proxy = _Proxy(target, port)
+async def _main(target: tuple[str, int], host: str, port: int, control_port: int) -> None:
+    proxy = _Proxy(target, host, port)
     await proxy.listen()
     runner = web.AppRunner(_control_app(proxy))
     await runner.setup()
@@ -296,11 +298,12 @@ def mean_rate(buckets: dict[float, int], *, trim_s: float = 0.0) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="host:port of the server behind the proxy")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--control-port", type=int, required=True)
     args = parser.parse_args()
     host, _, port = args.target.rpartition(":")
-    asyncio.run(_main((host, int(port)), args.port, args.control_port))
+    asyncio.run(_main((host, int(port)), args.host, args.port, args.control_port))
 
 
 if __name__ == "__main__":

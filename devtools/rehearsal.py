@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
-import ctypes
 import hashlib
 import ipaddress
 import json
@@ -63,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.manifests import NAMESPACE, REPO, Document, operator_secret, render, selects, workloads
+from devtools.netns import enter_netns, remove_netns, remove_stale_namespaces, run
 from devtools.servers import wait_until
 
 NETWORK = ipaddress.ip_network("10.42.0.0/24")  # k3s's pod network; used only inside our namespaces
@@ -75,7 +75,6 @@ CLUSTER_DOMAIN = "svc.cluster.local"
 PREFIX = "pfr"  # network namespaces are named pfr<pid>-<pod>
 STOP_WAIT_S = 30.0  # at most this much of a pod's grace period is waited for at the end
 BACKOFF_S = (10.0, 20.0, 40.0, 80.0, 160.0, 300.0)  # the kubelet's restart back-off
-CLONE_NEWNET = 0x40000000
 
 PHOTOFERRY_IMAGE = "registry.local/photoferry"
 RABBITMQ_IMAGE = "docker.io/library/rabbitmq"
@@ -106,59 +105,6 @@ log = logging.getLogger(__name__)
 
 class RehearsalFailed(AssertionError):
     """The rendered pods did not do what a cluster would need of them."""
-
-
-# -- running commands in namespaces ----------------------------------------------------------------
-
-def run(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def netns_list() -> list[str]:
-    out = run("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def netns_pids(name: str) -> list[int]:
-    out = run("ip", "netns", "pids", name, check=False).stdout
-    return [int(pid) for pid in out.split()]
-
-
-def remove_netns(name: str) -> None:
-    """Kill whatever still runs in a namespace, then remove it and its /etc/netns folder."""
-    for _ in range(50):  # a process can fork while we kill: look again until none is left
-        pids = netns_pids(name)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-    run("ip", "netns", "delete", name, check=False)
-    shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
-
-
-def remove_stale_namespaces() -> None:
-    """Remove what a rehearsal that was killed (and could not clean up) left behind."""
-    for name in netns_list():
-        match = re.fullmatch(rf"{PREFIX}(\d+)-.*", name)
-        if match and not Path(f"/proc/{match.group(1)}").exists():
-            remove_netns(name)
-
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def enter_netns(name: str) -> None:
-    """Move the calling thread into a network namespace (only this thread: setns is per thread)."""
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-    finally:
-        os.close(fd)
 
 
 # -- what a pod is made of --------------------------------------------------------------------------
@@ -384,7 +330,7 @@ class Rehearsal:
     def start(self) -> None:
         if os.geteuid() != 0:
             raise RehearsalFailed("the rehearsal needs root (network namespaces and mounts)")
-        remove_stale_namespaces()
+        remove_stale_namespaces(PREFIX)
         self.started_at = time.monotonic()
         self._plan()
         self._check_ports()

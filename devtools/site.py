@@ -3,7 +3,9 @@
 For the chaos suite and the site benchmark: every part is its own process on free
 ports, so it can be killed, frozen or measured. The services reach the broker and
 the remote S3 through proxies (``devtools.proxy``), which can make those links
-slow, cut or half-open, and count what crosses the uplink.
+slow, cut or half-open, and count what crosses the uplink. On the uplink bed
+(``devtools.uplink``) the remote S3 is across a real bottleneck instead, started by
+the bed (``ExternalRemote``), and the site reaches it directly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.proxy import CountingProxy
@@ -31,11 +34,20 @@ PREFIX = "site/"
 SERVICES = ("gateway", "store", "shipper")
 
 
+@dataclass(frozen=True)
+class ExternalRemote:
+    """A remote S3 that runs elsewhere (across the uplink bed), reached at ``endpoint``."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
 class PrivateSite:
     """A private site: broker, stores, proxies and services, each of which can be made to fail."""
 
     def __init__(self, workdir: Path, *, cap: str = "4MB", settings: dict[str, str] | None = None,
-                 store: str = "s3", code: Path = REPO) -> None:
+                 store: str = "s3", code: Path = REPO, remote: ExternalRemote | None = None) -> None:
         self.workdir = workdir
         self.code = code  # the checkout whose services run
         self.settings = settings or {}  # PHOTOFERRY_* variables for the services, over the defaults below
@@ -44,6 +56,7 @@ class PrivateSite:
         self.store_root = workdir / "store" if store == "file" else None
         self.local = S3Server(workdir / "local-s3")
         self.remote = S3Server(workdir / "remote-s3")
+        self.external_remote = remote  # then self.remote is not started, and no proxy stands before it
         self.cap = cap
         self.broker_link: CountingProxy | None = None
         self.s3_link: CountingProxy | None = None
@@ -53,9 +66,10 @@ class PrivateSite:
         self.rabbit.start()
         if self.store_root is None:
             self.local.start()
-        self.remote.start()
         self.broker_link = CountingProxy("127.0.0.1", self.rabbit.amqp_port).start()
-        self.s3_link = CountingProxy("127.0.0.1", self.remote.port).start()
+        if self.external_remote is None:
+            self.remote.start()
+            self.s3_link = CountingProxy("127.0.0.1", self.remote.port).start()
         asyncio.run(self.local_store().ensure_bucket())
         ensure_bucket(self.remote_client(), REMOTE_BUCKET)
         env = self.env()
@@ -67,7 +81,8 @@ class PrivateSite:
             self.services[name] = service
 
     def env(self) -> dict[str, str]:
-        assert self.broker_link is not None and self.s3_link is not None
+        assert self.broker_link is not None
+        remote = self._remote_reached()
         return {
             **os.environ,
             "PHOTOFERRY_AMQP_URL": f"amqp://{self.rabbit.user}:{self.rabbit.password}@127.0.0.1:{self.broker_link.port}/",
@@ -75,11 +90,11 @@ class PrivateSite:
             "PHOTOFERRY_STORE_ACCESS_KEY": self.local.access_key,
             "PHOTOFERRY_STORE_SECRET_KEY": self.local.secret_key,
             "PHOTOFERRY_STORE_BUCKET": STORE_BUCKET,
-            "PHOTOFERRY_S3_ENDPOINT": self.s3_link.endpoint,
+            "PHOTOFERRY_S3_ENDPOINT": remote.endpoint,
             "PHOTOFERRY_S3_BUCKET": REMOTE_BUCKET,
             "PHOTOFERRY_S3_PREFIX": PREFIX,
-            "AWS_ACCESS_KEY_ID": self.remote.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.remote.secret_key,
+            "AWS_ACCESS_KEY_ID": remote.access_key,
+            "AWS_SECRET_ACCESS_KEY": remote.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
             "PHOTOFERRY_DEVICE_SECRET": DEVICE_SECRET,
             "PHOTOFERRY_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -104,12 +119,16 @@ class PrivateSite:
                                         STORE_BUCKET, "us-east-1", 30))
 
     def remote_client(self):  # type: ignore[no-untyped-def]
-        return self._client(self.remote)
-
-    @staticmethod
-    def _client(server: S3Server):  # type: ignore[no-untyped-def]
-        return s3_client(server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
+        remote = self.external_remote or self.remote
+        return s3_client(remote.endpoint, access_key=remote.access_key, secret_key=remote.secret_key,
                          region="us-east-1")
+
+    def _remote_reached(self) -> ExternalRemote:
+        """The remote S3 as the services reach it: across the bed, or through the site's proxy."""
+        if self.external_remote is not None:
+            return self.external_remote
+        assert self.s3_link is not None
+        return ExternalRemote(self.s3_link.endpoint, self.remote.access_key, self.remote.secret_key)
 
     def inject(self, fault: str) -> Callable[[], None]:
         """Start ``fault``; return what heals it."""
@@ -172,8 +191,9 @@ class PrivateSite:
     def pids(self) -> dict[str, int]:
         """The process of each part, for CPU and memory figures."""
         parts = {name: service.process for name, service in self.services.items()}
-        parts |= {"rabbitmq": self.rabbit.process, "local store": self.local.process,
-                  "remote S3": self.remote.process}
+        parts |= {"rabbitmq": self.rabbit.process, "local store": self.local.process}
+        if self.external_remote is None:
+            parts["remote S3"] = self.remote.process
         if self.store_root is not None:
             del parts["local store"]  # the embedded store is the services' own
         return {name: process.pid for name, process in parts.items() if process is not None}

@@ -5,7 +5,8 @@
 #   system-deps.sh rclone     rclone, the baseline of the shipper benchmark
 #   system-deps.sh chromium   Chromium, for the operator page's browser test
 #   system-deps.sh promtool   Prometheus's promtool, to check and unit-test the alert rules
-#   system-deps.sh iproute2   ip (network namespaces), for the rehearsal of the k3s manifests
+#   system-deps.sh iproute2   ip and tc (network namespaces, queues), for the rehearsal of the k3s manifests
+#                             and the uplink bed
 # Missing packages are installed with apt-get when running as root; otherwise the
 # script says what to install and fails.
 set -euo pipefail
@@ -73,7 +74,7 @@ case "${1:-}" in
     command -v promtool >/dev/null || apt_install prometheus
     ;;
   iproute2)
-    command -v ip >/dev/null || apt_install iproute2
+    { command -v ip >/dev/null && command -v tc >/dev/null; } || apt_install iproute2
     ;;
   *)
     echo "usage: $0 python|rabbitmq|rclone|chromium|promtool|iproute2" >&2

@@ -5,6 +5,7 @@
     photoferry resume                   ship again
     photoferry rate 40Mbit              override the cap;  photoferry rate --schedule: back to the schedule
     photoferry rate --fresh-share 0.3   fresh photos' share of the cap (--fresh-share schedule: the schedule's)
+    photoferry rate --ceiling 160Mbit   above the cap, ship on idle uplink up to this (off: never; schedule)
     photoferry parked                   parked photos and why
     photoferry replay                   send parked photos back to shipping
     photoferry token DEVICE_ID          print a device's token (needs PHOTOFERRY_DEVICE_SECRET)
@@ -77,6 +78,7 @@ def _status(config: CliConfig, args: argparse.Namespace) -> int:
         f"cap {rate(s['cap_bytes_per_s'])}",
         f"drains       {text['eta_drain']}",
         f"fresh        {_fresh(s)}",
+        f"idle uplink  {text['scavenging']}",
         f"store        {s['store_fill']:.0%} full: {format_bytes(s['store_used_bytes'])} of "
         f"{format_bytes(s['store_capacity_bytes'])}"
         + ("" if s["store_disk_total_bytes"] is None else
@@ -124,13 +126,19 @@ def _rate(config: CliConfig, args: argparse.Namespace) -> int:
         body["rate"] = None if args.schedule else args.rate
     if args.fresh_share is not None:
         body["fresh_share"] = None if args.fresh_share == "schedule" else args.fresh_share
+    if args.ceiling is not None:
+        body["ceiling"] = None if args.ceiling == "schedule" else args.ceiling
     if not body:
-        raise CliError("give a rate (photoferry rate 40Mbit), --schedule, or --fresh-share")
+        raise CliError("give a rate (photoferry rate 40Mbit), --schedule, --fresh-share or --ceiling")
     control = _call(config, "PUT", "/api/shipping/rate", body)
+    ceiling = control["ceiling_bytes_per_s"]
     print(f"cap now {format_bytes(control['cap_bytes_per_s'])}/s"
           + (" (override)" if control["rate_override"] is not None else " (the schedule)")
           + f"; fresh photos' share {control['fresh_share']:.0%}"
-          + (" (override)" if control["fresh_share_override"] is not None else " (the schedule)"))
+          + (" (override)" if control["fresh_share_override"] is not None else " (the schedule)")
+          + ("; no shipping on idle uplink above it" if ceiling is None else
+             f"; on idle uplink up to {format_bytes(ceiling)}/s")
+          + (" (override)" if control["ceiling_override"] is not None else " (the schedule)"))
     return 0
 
 
@@ -276,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("rate", nargs="?", help="e.g. 40Mbit, 5MB, 5MiB")
     rate.add_argument("--schedule", action="store_true", help="drop the override: the schedule decides")
     rate.add_argument("--fresh-share", help="fresh photos' share of the cap, e.g. 0.3 or 30%%; 'schedule' drops it")
+    rate.add_argument("--ceiling", help="above the cap, ship on idle uplink up to this, e.g. 160Mbit; 'off' never; "
+                                        "'schedule' drops it")
     rate.set_defaults(run=_rate)
     commands.add_parser("parked", help="list parked photos and why").set_defaults(run=_parked)
     commands.add_parser("replay", help="send parked photos back to shipping").set_defaults(run=_replay)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.config import ConfigError, GatewayConfig, RemoteSettings, StoreKeeperConfig
+from services.common.config import ConfigError, GatewayConfig, RemoteSettings, ShipperConfig, StoreKeeperConfig
 
 BASE = {
     "PHOTOFERRY_AMQP_URL": "amqp://u:p@broker/",
@@ -76,3 +76,32 @@ def test_secrets_and_tls_settings() -> None:
     assert keeper.admin_token_previous == "o"
     with pytest.raises(ConfigError, match="PHOTOFERRY_ADMIN_TOKEN_PREVIOUS"):
         StoreKeeperConfig.from_env({**BASE, "PHOTOFERRY_ADMIN_TOKEN": "t", "PHOTOFERRY_ADMIN_TOKEN_PREVIOUS": "t"})
+
+
+SHIPPER = {**BASE, "PHOTOFERRY_S3_BUCKET": "b"}
+
+
+def test_the_band_above_the_cap_is_off_unless_a_ceiling_above_the_cap_is_set() -> None:
+    config = ShipperConfig.from_env(SHIPPER)
+    assert config.schedule.ceiling == 0
+    assert config.delay_target == 0.005
+    config = ShipperConfig.from_env({**SHIPPER, "PHOTOFERRY_SHIP_RATE": "40Mbit", "PHOTOFERRY_SHIP_CEILING": "160Mbit",
+                                     "PHOTOFERRY_SHIP_DELAY_TARGET": "20ms"})
+    assert (config.schedule.ceiling, config.delay_target) == (20e6, 0.020)
+    keeper = StoreKeeperConfig.from_env({**BASE, "PHOTOFERRY_ADMIN_TOKEN": "t", "PHOTOFERRY_SHIP_CEILING": "160Mbit"})
+    assert keeper.schedule.ceiling == 20e6  # the keeper reports the band too
+    assert ShipperConfig.from_env({**SHIPPER, "PHOTOFERRY_SHIP_CEILING": "off"}).schedule.ceiling == 0
+
+
+@pytest.mark.parametrize(("name", "value", "words"), [
+    ("PHOTOFERRY_SHIP_CEILING", "40Mbit", "must be above PHOTOFERRY_SHIP_RATE"),
+    ("PHOTOFERRY_SHIP_CEILING", "1MB", "must be above PHOTOFERRY_SHIP_RATE"),
+    ("PHOTOFERRY_SHIP_CEILING", "fast", "PHOTOFERRY_SHIP_CEILING"),
+    ("PHOTOFERRY_SHIP_DELAY_TARGET", "0ms", "PHOTOFERRY_SHIP_DELAY_TARGET"),
+    ("PHOTOFERRY_SHIP_DELAY_TARGET", "2s", "at most 1s"),
+    ("PHOTOFERRY_SHIP_DELAY_TARGET", "soon", "PHOTOFERRY_SHIP_DELAY_TARGET"),
+    ("PHOTOFERRY_SHIP_SCHEDULE", "08:00-18:00=40Mbit..20Mbit", "PHOTOFERRY_SHIP_SCHEDULE"),
+])
+def test_a_band_setting_that_cannot_work_is_refused_with_its_name(name: str, value: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        ShipperConfig.from_env({**SHIPPER, name: value})

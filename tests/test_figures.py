@@ -11,7 +11,7 @@ import pytest
 from services.common.broker import Broker
 from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore
-from services.common.shipping import Heartbeat
+from services.common.shipping import Heartbeat, ShippingControl
 from services.common.units import format_duration
 from services.store.capacity import Capacity
 from services.store.figures import Figures
@@ -63,3 +63,29 @@ def test_the_link_is_blamed_only_when_it_is_slower_than_the_cap(figures: Figures
 
 def test_short_durations_keep_their_decimal() -> None:
     assert format_duration(0.27) == "0.3 s" and format_duration(0) == "0 s" and format_duration(45) == "45 s"
+
+
+def band_beat(replica: str, state: str, *, egress: float, delay: float | None) -> Heartbeat:
+    return Heartbeat(replica=replica, state="running", busy=True, cap_bytes_per_s=10_000, share_bytes_per_s=5_000,
+                     egress_bytes_per_s=egress, fresh_egress_bytes_per_s=0.0, sent_bytes_total=0,
+                     shipped_objects_total=0, in_flight=1, concurrency=1, link_limited=False,
+                     ceiling_bytes_per_s=40_000, allowed_bytes_per_s=egress, scavenging=state,
+                     queueing_delay_s=delay, base_delay_s=0.02, delay_target_s=0.005)
+
+
+def test_the_band_above_the_cap_says_what_it_carries_and_the_most_telling_state(figures: Figures) -> None:
+    assert figures.status()["scavenging"]["state"] == "off"
+    figures.control = ShippingControl(ceiling_override=40_000)
+    figures.tap._shippers["r1"] = (band_beat("r1", "using_idle_uplink", egress=15_000, delay=0.001),
+                                   time.monotonic())
+    band = figures.status()["scavenging"]
+    assert band["state"] == "using_idle_uplink" and band["floor_bytes_per_s"] == 10_000
+    assert band["ceiling_bytes_per_s"] == 40_000 and band["above_floor_bytes_per_s"] == 5_000
+    assert band["allowed_bytes_per_s"] == 15_000 and band["queueing_delay_s"] == 0.001
+    assert figures.status()["text"]["scavenging"].startswith("using idle uplink: 5.0 KB/s above the 10.0 KB/s floor")
+    figures.tap._shippers["r2"] = (band_beat("r2", "yielding", egress=5_000, delay=0.012), time.monotonic())
+    band = figures.status()["scavenging"]
+    assert band["state"] == "yielding" and band["queueing_delay_s"] == 0.012  # the worst any replica sees
+    assert "12.0 ms, above the 5.0 ms target" in figures.status()["text"]["scavenging"]
+    figures.control = ShippingControl(ceiling_override=0.0)  # turned off: whatever the replicas last said
+    assert figures.status()["scavenging"]["state"] == "off"

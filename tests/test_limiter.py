@@ -89,3 +89,16 @@ def test_pieces_are_small_at_low_rates() -> None:
     assert RateLimiter(100_000_000).piece() == 65536
     with pytest.raises(ValueError):
         RateLimiter(0)
+
+
+def test_bytes_charged_without_waiting_are_paid_for_by_the_readers() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(1000, clock=clock, sleep=clock.sleep)
+    for _ in range(10):
+        limiter.charge(100)  # a probe's bytes: counted, never waited for
+    assert clock.now == 0
+    for _ in range(90):
+        limiter.acquire(100)
+    # Together they keep to the rate: 10,000 bytes take the readers 10 s, as if they sent them all.
+    assert clock.now == pytest.approx(10.0, abs=0.011)
+    assert limiter.granted == 10_000

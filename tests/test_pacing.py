@@ -133,6 +133,22 @@ def test_the_cap_is_split_among_busy_replicas_heard_lately() -> None:
     assert share.split(6e6, 10.0) == 6e6  # b not heard for a while: gone
 
 
+def test_the_bands_ceiling_is_split_as_the_cap_is_so_the_parts_never_exceed_it() -> None:
+    share = warm()
+    share.hear(beat("b", busy=True), 0.0)
+    share.hear(beat("c", busy=False), 0.0)
+    share.split(6e6, 1.0)
+    assert share.part(18e6) == 9e6
+    assert share.part(0.0) == 0.0
+    share.split(6e6, 10.0)  # b gone: this replica's alone
+    assert share.part(18e6) == 18e6
+    joining = warm()
+    joining.hear(beat("b", busy=False), 0.0)
+    joining.announce(0.1, holding=True, waiting=0)
+    joining.split(6e6, 0.1)  # b might be joining at this very instant
+    assert joining.part(18e6) == 9e6
+
+
 def test_classes_split_the_share_only_while_both_have_work() -> None:
     both = split(4e6, 0.25, fresh_busy=True, backlog_busy=True)
     assert (both.fresh, both.backlog) == (1e6, 3e6)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from devtools.rehearsal import STAND_INS, Rehearsal, RehearsalFailed, netns_list, netns_pids
+from devtools.netns import netns_list, netns_pids
+from devtools.rehearsal import STAND_INS, Rehearsal, RehearsalFailed
 from devtools.servers import RABBITMQ_SERVER, REPO, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the rehearsal needs root: network namespaces and mounts")

@@ -57,3 +57,26 @@ def test_a_dst_night_has_the_right_length() -> None:
 def test_malformed_schedules_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         RateSchedule.parse(text, default=MB, zone=UTC)
+
+
+def test_a_window_may_set_the_ceiling_of_the_band_above_its_cap_or_turn_the_band_off() -> None:
+    schedule = RateSchedule.parse("08:00-18:00=5MB..20MB@0.2, 18:00-20:00=5MB..off, 22:00-06:00=15MB",
+                                  default=5 * MB, zone=UTC, ceiling=10 * MB)
+    day = at("2026-05-01T12:00:00+00:00")
+    assert (schedule.rate_at(day), schedule.ceiling_at(day), schedule.fresh_share_at(day)) == (5 * MB, 20 * MB, 0.2)
+    assert schedule.ceiling_at(at("2026-05-01T19:00:00+00:00")) == 0  # no band then
+    assert schedule.ceiling_at(at("2026-05-01T23:00:00+00:00")) == 10 * MB  # the default ceiling
+    assert schedule.ceiling_at(at("2026-05-01T07:00:00+00:00")) == 10 * MB
+    assert RateSchedule.parse("", default=5 * MB, zone=UTC).ceiling_at(day) == 0  # off unless set
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("08:00-18:00=5MB..5MB", "not above the rate"),
+    ("08:00-18:00=5MB..4MB", "not above the rate"),
+    ("08:00-18:00=off..20MB", "needs a cap to stand on"),
+    ("08:00-18:00=5MB..lots", "the ceiling"),
+    ("08:00-18:00=5MB..", "the ceiling"),
+])
+def test_a_ceiling_that_is_not_above_its_windows_cap_is_refused(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        RateSchedule.parse(text, default=MB, zone=UTC)

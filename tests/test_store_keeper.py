@@ -124,6 +124,9 @@ def test_the_operator_api_needs_the_operator_token(keeper: ServiceProcess, metho
     ("path", "body", "word"),
     [("/api/shipping/rate", {"rate": "fast"}, "rate"), ("/api/shipping/rate", {"rate": 0}, "above zero"),
      ("/api/shipping/rate", {"speed": "40Mbit"}, "rate"), ("/api/shipping/rate", [1], "object"),
+     ("/api/shipping/rate", {"ceiling": "fast"}, "ceiling"), ("/api/shipping/rate", {"ceiling": 0}, "ceiling"),
+     ("/api/shipping/rate", {"ceiling": True}, "ceiling"),
+     ("/api/shipping/rate", {"rate": "5MB", "ceiling": "4MB"}, "must be above the rate"),
      ("/api/shipping/pause", {"until": "2001-01-01T00:00:00Z"}, "future"),
      ("/api/shipping/pause", {"until": "tomorrow"}, "RFC 3339"),
      ("/api/shipping/pause", {"until": "2999-01-01T00:00:00"}, "offset")],
@@ -153,6 +156,33 @@ def test_rate_and_pause_reach_the_shippers(keeper: ServiceProcess, shipper: Serv
         operator(keeper, "POST", "/api/shipping/resume")
         operator(keeper, "PUT", "/api/shipping/rate", {"rate": None})
     wait_until(lambda: shipper_cap() == 4e6, timeout=10, what="back to the schedule")
+
+
+def test_the_ceiling_of_the_band_above_the_cap_reaches_the_shippers(keeper: ServiceProcess,
+                                                                    shipper: ServiceProcess) -> None:
+    def shipper_ceiling() -> float:
+        return float(requests.get(f"{shipper.url}/status", timeout=10).json()["ceiling_bytes_per_s"])
+
+    band = status(keeper)["scavenging"]
+    assert band["state"] == "off" and band["ceiling_bytes_per_s"] is None and band["floor_bytes_per_s"] == 4e6
+    try:
+        answer = operator(keeper, "PUT", "/api/shipping/rate", {"ceiling": "64Mbit"}).json()
+        assert (answer["ceiling_override"], answer["ceiling_bytes_per_s"]) == (8e6, 8e6)
+        wait_until(lambda: shipper_ceiling() == 8e6, timeout=10, what="the ceiling at the shipper")
+        band = status(keeper)["scavenging"]
+        assert band["ceiling_bytes_per_s"] == 8e6 and band["state"] != "off"
+        assert band["state"] in ("idle", "measuring", "using_idle_uplink", "yielding", "unmeasured")
+        assert status(keeper)["text"]["scavenging"]
+        # Above a rate override the band stands on it; at or under it there is none.
+        assert operator(keeper, "PUT", "/api/shipping/rate", {"rate": "9MB"}).json()["ceiling_bytes_per_s"] is None
+        wait_until(lambda: shipper_ceiling() == 0, timeout=10, what="no band under the cap")
+        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None})
+        off = operator(keeper, "PUT", "/api/shipping/rate", {"ceiling": "off"}).json()
+        assert (off["ceiling_override"], off["ceiling_bytes_per_s"]) == (0, None)
+        assert status(keeper)["scavenging"]["state"] == "off"
+    finally:
+        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None, "ceiling": None})
+    wait_until(lambda: shipper_ceiling() == 0, timeout=10, what="back to the schedule: no band")
 
 
 def test_status_figures_match_a_known_scenario(keeper: ServiceProcess, gateway: ServiceProcess, site: Site,
@@ -500,6 +530,8 @@ def test_the_operator_page_shows_live_figures_and_charts(keeper: ServiceProcess,
             page.wait_for_selector("body[data-loaded=yes]", timeout=20_000)
             assert int(page.inner_text("#devices")) >= 1
             assert page.inner_text("#shipping") in ("running", "paused", "breaker open")
+            assert page.inner_text("#scavenging") == "off"  # no ceiling set: shipping at the cap only
+            assert page.inner_text("#scavenging-detail").startswith("off")
             # Charts: the page adds a point every refresh (5 s); wait for a line of two.
             cap_line = page.locator("#egress-chart polyline[data-series=cap]")
             wait_until(lambda: cap_line.count() == 1 and len((cap_line.get_attribute("points") or "").split()) >= 2,
@@ -580,9 +612,14 @@ def test_the_operator_command_line(keeper: ServiceProcess, shipper: ServiceProce
         assert photoferry(keeper, "resume").returncode == 0
         assert photoferry(keeper, "rate", "--schedule").returncode == 0
         assert status(keeper)["cap_bytes_per_s"] == 4e6
+        assert "on idle uplink up to 8.0 MB/s (override)" in photoferry(keeper, "rate", "--ceiling", "64Mbit").stdout
+        assert "idle uplink" in photoferry(keeper, "status").stdout
+        assert "no shipping on idle uplink" in photoferry(keeper, "rate", "--ceiling", "off").stdout
+        assert photoferry(keeper, "rate", "--ceiling", "schedule").returncode == 0
+        assert status(keeper)["control"]["ceiling_override"] is None
     finally:
         operator(keeper, "POST", "/api/shipping/resume")
-        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None})
+        operator(keeper, "PUT", "/api/shipping/rate", {"rate": None, "ceiling": None})
     assert photoferry(keeper, "parked").returncode == 0
     refused = photoferry(keeper, "rate", "lots")
     assert refused.returncode == 2 and "400" in refused.stderr

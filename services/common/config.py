@@ -285,14 +285,40 @@ def site_zone(env: Env) -> ZoneInfo:
 
 def rate_schedule(env: Env) -> RateSchedule:
     """The flat cap (PHOTOFERRY_SHIP_RATE) with the time-of-day caps (PHOTOFERRY_SHIP_SCHEDULE),
-    and the share of it fresh photos get (PHOTOFERRY_SHIP_FRESH_SHARE, per window in the schedule)."""
+    the share of it fresh photos get (PHOTOFERRY_SHIP_FRESH_SHARE), and the ceiling of the band
+    above it where only idle uplink is used (PHOTOFERRY_SHIP_CEILING); the last two per window too."""
     flat = parsed(env, "PHOTOFERRY_SHIP_RATE", parse_rate, "40Mbit")
     fresh_share = parsed(env, "PHOTOFERRY_SHIP_FRESH_SHARE", parse_fraction, "0.5")
+    ceiling = band_ceiling(env, flat)
     text = optional(env, "PHOTOFERRY_SHIP_SCHEDULE", "")
     try:
-        return RateSchedule.parse(text, default=flat, zone=site_zone(env), fresh_share=fresh_share)
+        return RateSchedule.parse(text, default=flat, zone=site_zone(env), fresh_share=fresh_share, ceiling=ceiling)
     except ValueError as exc:
         raise ConfigError(f"PHOTOFERRY_SHIP_SCHEDULE: {exc}") from None
+
+
+def band_ceiling(env: Env, flat: float) -> float:
+    """PHOTOFERRY_SHIP_CEILING: above the flat cap, or ``off`` (0, the default: no band)."""
+    text = optional(env, "PHOTOFERRY_SHIP_CEILING", "off")
+    if text.lower() == "off":
+        return 0.0
+    try:
+        ceiling = parse_rate(text)
+    except ValueError as exc:
+        raise ConfigError(f"PHOTOFERRY_SHIP_CEILING: {exc}") from None
+    if ceiling <= flat:
+        raise ConfigError(f"PHOTOFERRY_SHIP_CEILING ({text}) must be above PHOTOFERRY_SHIP_RATE "
+                          f"({optional(env, 'PHOTOFERRY_SHIP_RATE', '40Mbit')}), or off")
+    return ceiling
+
+
+def delay_target(env: Env) -> float:
+    """PHOTOFERRY_SHIP_DELAY_TARGET: the queueing delay above which the band yields (at most 1 s,
+    the delay probe's own timeout)."""
+    value = positive_duration(env, "PHOTOFERRY_SHIP_DELAY_TARGET", "5ms")
+    if value > 1.0:
+        raise ConfigError("PHOTOFERRY_SHIP_DELAY_TARGET: at most 1s (a probe waits no longer)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -325,6 +351,7 @@ class ShipperConfig:
     store: StoreSettings
     remote: RemoteSettings
     schedule: RateSchedule
+    delay_target: float  # queueing delay on the path above which the band above the cap yields
     fresh_window: float  # a fresh photo held past this is demoted to the backlog, not shipped as fresh
     max_concurrency: int  # the prefetch limit: uploads in flight per replica
     multipart_threshold: int
@@ -348,6 +375,7 @@ class ShipperConfig:
             store=StoreSettings.from_env(env),
             remote=RemoteSettings.from_env(env),
             schedule=rate_schedule(env),
+            delay_target=delay_target(env),
             fresh_window=fresh_window(env),
             max_concurrency=positive_int(env, "PHOTOFERRY_SHIP_PREFETCH", 8),
             multipart_threshold=parsed(env, "PHOTOFERRY_SHIP_MULTIPART_THRESHOLD", parse_size, "8MiB"),

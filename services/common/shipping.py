@@ -1,6 +1,6 @@
 """Shipping control and shipper heartbeats: what operators set, and what shippers report.
 
-The operator's settings (a rate override, a pause and its end) are one JSON
+The operator's settings (a rate override, a ceiling override, a pause and its end) are one JSON
 object in the local store: the source of truth a shipper reads at start and
 every few seconds. A message on the control exchange tells every replica to read
 it at once. Each shipper publishes a heartbeat on the status exchange; the store
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,6 +31,16 @@ CONTROL_KEY = "state/shipping-control.json"
 # they come often; a replica not heard from for PEER_TTL_S is gone.
 HEARTBEAT_EVERY_S = 1.0
 PEER_TTL_S = 4.0
+# What the band above the cap is doing (a replica's heartbeat says; services.shipper.scavenger decides).
+SCAVENGING_OFF = "off"  # no band in force (no ceiling, or not above the cap)
+SCAVENGING_IDLE = "idle"  # a band in force, but nothing to ship
+SCAVENGING_MEASURING = "measuring"  # learning the path's delay before using the band
+SCAVENGING_USING = "using_idle_uplink"
+SCAVENGING_YIELDING = "yielding"  # the path queues: other traffic needs the uplink
+SCAVENGING_UNMEASURED = "unmeasured"  # no recent delay sample: at the floor until there is one
+# Most telling first: the one operators are shown when replicas differ.
+SCAVENGING_STATES = (SCAVENGING_UNMEASURED, SCAVENGING_YIELDING, SCAVENGING_USING, SCAVENGING_MEASURING,
+                     SCAVENGING_IDLE, SCAVENGING_OFF)
 # The nudge after a change is a courtesy (shippers re-read the settings every few
 # seconds anyway): an operator's request does not wait long for it.
 NUDGE_TIMEOUT_S = 1.0
@@ -40,6 +50,8 @@ NUDGE_TIMEOUT_S = 1.0
 class ShippingControl:
     rate_override: float | None = None  # bytes per second, replacing the schedule
     fresh_share_override: float | None = None  # of the cap, for fresh photos, replacing the schedule's
+    # Of the band above the cap where only idle uplink is used, replacing the schedule's; 0: no band.
+    ceiling_override: float | None = None
     paused: bool = False
     paused_until: str | None = None  # RFC 3339; None pauses until resumed
     updated_at: str | None = None
@@ -56,6 +68,15 @@ class ShippingControl:
         if self.rate_override is not None:
             return self.rate_override
         return schedule.rate_at(now)
+
+    def ceiling(self, schedule: RateSchedule, now: datetime) -> float:
+        """The ceiling of the band above the cap in force, in bytes per second: 0 when there is no
+        band (none set, set off, not above the cap in force, or shipping paused or scheduled off)."""
+        cap = self.cap(schedule, now)
+        if cap <= 0:
+            return 0.0
+        ceiling = self.ceiling_override if self.ceiling_override is not None else schedule.ceiling_at(now)
+        return ceiling if ceiling > cap else 0.0
 
     def fresh_share(self, schedule: RateSchedule, now: datetime) -> float:
         """The share of the cap fresh photos may take (0: strictly oldest first)."""
@@ -80,6 +101,7 @@ class ShippingControl:
         return cls(
             rate_override=_field(data, "rate_override", _positive),
             fresh_share_override=_field(data, "fresh_share_override", _fraction),
+            ceiling_override=_field(data, "ceiling_override", _rate_or_off),
             paused=data.get("paused") is True,
             paused_until=_field(data, "paused_until", lambda v: _aware(v).isoformat()),
             updated_at=data.get("updated_at") if isinstance(data.get("updated_at"), str) else None,
@@ -114,6 +136,10 @@ def _positive(value: object) -> float:
     return float(value)
 
 
+def _rate_or_off(value: object) -> float:
+    return 0.0 if value == 0 and not isinstance(value, bool) else _positive(value)
+
+
 def _fraction(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError(f"{value!r} is not a fraction between 0 and 1")
@@ -135,13 +161,7 @@ async def read_control(store: LocalStore) -> ShippingControl:
 
 async def write_control(store: LocalStore, broker: Broker, control: ShippingControl) -> ShippingControl:
     """Store new settings and tell every shipper to apply them now."""
-    stamped = ShippingControl(
-        rate_override=control.rate_override,
-        fresh_share_override=control.fresh_share_override,
-        paused=control.paused,
-        paused_until=control.paused_until,
-        updated_at=datetime.now(UTC).isoformat(),
-    )
+    stamped = replace(control, updated_at=datetime.now(UTC).isoformat())
     await store.put(CONTROL_KEY, stamped.to_json(), metadata={"Content-Type": "application/json"})
     try:
         await broker.publish(
@@ -172,17 +192,26 @@ class Heartbeat:
     link_limited: bool
     breaker_reason: str | None = None
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # The band above the cap (a replica of an earlier version sends none of these: the defaults).
+    ceiling_bytes_per_s: float = 0.0  # site-wide ceiling in force; 0: no band
+    allowed_bytes_per_s: float = 0.0  # this replica's rate now: its share, and what the band adds
+    scavenging: str = SCAVENGING_OFF  # one of SCAVENGING_STATES
+    queueing_delay_s: float | None = None  # on the path to S3, as last measured
+    base_delay_s: float | None = None  # the path's delay with no queue
+    delay_target_s: float | None = None  # the queueing delay above which the band yields
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, body: bytes) -> Heartbeat | None:
-        """Parse a heartbeat; None (and a warning) when it is not one, e.g. from another version."""
+        """Parse a heartbeat; None (and a warning) when it is not one. Fields this version does not
+        know are ignored, so replicas of two versions hear each other during an upgrade."""
         try:
             data: dict[str, Any] = orjson.loads(body)
-            return cls(**data)
-        except (ValueError, TypeError) as exc:
+            known = {f.name for f in fields(cls)}
+            return cls(**{name: value for name, value in data.items() if name in known})
+        except (ValueError, TypeError, AttributeError) as exc:
             log.warning("unreadable heartbeat", extra={"error": str(exc)})
             return None
 

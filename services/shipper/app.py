@@ -14,6 +14,7 @@ from services.common.httpserver import SUPERVISOR, service_app
 from services.common.localstore import LocalStore
 from services.common.s3 import s3_client
 from services.common.service import run_service
+from services.shipper.delayprobe import DelayProbe, endpoint_address
 from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.shipper import Shipper
@@ -35,7 +36,10 @@ def build_shipper(config: ShipperConfig, metrics: ShipperMetrics) -> Shipper:
                         multipart_threshold=config.multipart_threshold, part_size=config.part_size)
     replica = f"{socket.gethostname()}-{os.getpid()}"
     links = BrokerLinks(config.amqp_url, name=f"photoferry-shipper@{replica}")
-    shipper = Shipper(config, links=links, store=local, transfer=transfer, metrics=metrics, replica=replica)
+    # The band above the cap watches the round trip to where the uploads go (AWS: the client's own endpoint).
+    probe = DelayProbe(*endpoint_address(remote.meta.endpoint_url))
+    shipper = Shipper(config, links=links, store=local, transfer=transfer, metrics=metrics, replica=replica,
+                      delay_probe=probe)
     links.consuming.on_ready = shipper.on_consumer_ready
     return shipper
 

@@ -68,13 +68,22 @@ class RateLimiter:
     def acquire(self, nbytes: int) -> None:
         """Block until ``nbytes`` may be sent."""
         self._running.wait()
+        wait = self._take(nbytes)
+        if wait > 0:
+            self._sleep(wait)
+
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` sent outside the readers (a delay probe) without waiting: the
+        readers pay the debt, so the sum stays within the rate."""
+        self._take(nbytes)
+
+    def _take(self, nbytes: int) -> float:
+        """Take ``nbytes`` of tokens; how long to sleep off the debt (0: not yet)."""
         with self._lock:
             self._refill()
             self._tokens -= nbytes
             self.granted += nbytes
-            wait = -self._tokens / self._rate if self._tokens < -self._rate * self._debt_s else 0.0
-        if wait > 0:
-            self._sleep(wait)
+            return -self._tokens / self._rate if self._tokens < -self._rate * self._debt_s else 0.0
 
     def _refill(self) -> None:
         now = self._clock()

@@ -28,6 +28,33 @@ class ShipperMetrics:
         self.share = Gauge(
             "photoferry_shipper_share_bytes_per_second", "This replica's part of the cap", registry=r
         )
+        self.ceiling = Gauge(
+            "photoferry_shipper_ceiling_bytes_per_second",
+            "Site-wide ceiling of the band above the cap, where only idle uplink is used (0: no band)", registry=r,
+        )
+        self.allowed = Gauge(
+            "photoferry_shipper_allowed_bytes_per_second",
+            "The rate this replica may send at now: its share of the cap, and what the band above it adds",
+            registry=r,
+        )
+        self.scavenging = Gauge(
+            "photoferry_shipper_scavenging",
+            "1 for the state of the band above the cap (off, idle, measuring, using_idle_uplink, yielding, "
+            "unmeasured), 0 for the others", ["state"], registry=r,
+        )
+        self.queueing_delay = Gauge(
+            "photoferry_shipper_queueing_delay_seconds",
+            "Queueing delay on the path to S3, as last measured while the band is in use (NaN otherwise)",
+            registry=r,
+        )
+        self.base_delay = Gauge(
+            "photoferry_shipper_base_delay_seconds", "The path's round trip to S3 with no queue (NaN: not measured)",
+            registry=r,
+        )
+        self.delay_probes = Counter(
+            "photoferry_shipper_delay_probes", "Delay probes to the S3 endpoint, by outcome (answered, timed_out, "
+            "failed)", ["outcome"], registry=r,
+        )
         self.egress = Gauge(
             "photoferry_shipper_egress_bytes_per_second", "Egress achieved over the last seconds", registry=r
         )

@@ -25,6 +25,10 @@ While photos wait in the queue a replica stays busy for ``BUSY_GRACE_S`` after
 its last one, so a steady stream does not pay the join each time; when none wait
 it turns idle at once.
 
+The ceiling of the band above the cap, where only idle uplink is used, is split
+the same way (``part``): each replica's band lies between its part of the cap and
+its part of the ceiling, so the sum never exceeds the ceiling either.
+
 Within a replica, the share is split between two classes of work (``split``):
 fresh photos may take up to ``fresh_share`` of it while the backlog also has
 work; whatever one class does not use, the other may.
@@ -131,6 +135,11 @@ class CapShare:
             self.busy_replicas = sum(live) + 1
         self.share = cap / self.busy_replicas if cap > 0 else 0.0
         return self.share
+
+    def part(self, rate: float) -> float:
+        """This replica's part of another site-wide rate (the band's ceiling), as the last ``split``
+        divided the cap."""
+        return rate / self.busy_replicas if rate > 0 else 0.0
 
     def opens_in(self, now: float) -> float | None:
         """Seconds until this replica may send, when that is a matter of time (warming up, or its

@@ -8,6 +8,8 @@ It wires the parts, each in its own module:
 - ``settlement``: ack, retry, park, give back, demote (copies, never requeues);
 - ``peers``: heartbeats and shipped notices, and what the others say;
 - ``pacing``: this replica's part of the site-wide cap, and the lanes' split of it;
+- ``scavenger``: the band above the cap, used only while the uplink is idle, on the
+  delays ``delayprobe`` measures;
 - ``accounting``: egress figures and metrics.
 
 Two connections to the broker: one publishes (heartbeats, notices, copies of
@@ -18,7 +20,9 @@ keep flowing and the queue keeps draining while the broker takes no new message.
 One supervised loop keeps the pace: the operator's settings (else the schedule),
 the queues' depths, busy or not, the shares, which lanes consume and at what
 prefetch, the uploads at once. Every call it makes to the broker is bounded, so
-it keeps going (and a stop stays prompt) through an outage.
+it keeps going (and a stop stays prompt) through an outage. While a band above the
+cap is in force and there is work, a second one (``shipper-delay``) measures the
+path's delay ten times a second and re-splits with the rate the band allows.
 """
 
 from __future__ import annotations
@@ -37,18 +41,28 @@ from services.common.broker import Broker, BrokerLinks
 from services.common.config import ShipperConfig
 from services.common.errors import DEPENDENCY_ERRORS
 from services.common.localstore import LocalStore
-from services.common.shipping import HEARTBEAT_EVERY_S, Heartbeat, ShippingControl, read_control
+from services.common.shipping import (
+    HEARTBEAT_EVERY_S,
+    SCAVENGING_IDLE,
+    SCAVENGING_OFF,
+    SCAVENGING_STATES,
+    Heartbeat,
+    ShippingControl,
+    read_control,
+)
 from services.common.supervise import StepResult, Supervisor
 from services.shipper import pacing
 from services.shipper.accounting import Accounting
 from services.shipper.breaker import Breaker
 from services.shipper.concurrency import ConcurrencyController
+from services.shipper.delayprobe import PROBE_BYTES, DelayProbe
 from services.shipper.handling import Handler
 from services.shipper.lanes import BACKLOG, FRESH, Lane
 from services.shipper.limiter import RateLimiter
 from services.shipper.metrics import ShipperMetrics
 from services.shipper.pacing import CapShare
 from services.shipper.peers import Peers
+from services.shipper.scavenger import Scavenger
 from services.shipper.settlement import Settlement
 from services.shipper.threads import Threads
 from services.shipper.transfer import Transfer
@@ -63,6 +77,8 @@ ABORT_WAIT_S = 5.0  # after the shutdown timeout, how long aborted uploads get t
 GOODBYE_TIMEOUT_S = 3.0
 QUIET_REPEAT_S = 60.0  # the same dependency warning, at most this often
 STARVED_AFTER_S = 30.0  # photos wait, yet nothing is delivered: the consumer is started again
+PROBE_EVERY_S = 0.1  # delay samples while the band is in use: a queue is seen within a few
+BAND_RECHECK_S = 1.0  # with no band to use, the delay loop looks again this often (or when woken)
 
 
 class Shipper:
@@ -75,6 +91,7 @@ class Shipper:
         transfer: Transfer,
         metrics: ShipperMetrics,
         replica: str,
+        delay_probe: DelayProbe,
     ) -> None:
         self.config = config
         self.links = links
@@ -86,6 +103,10 @@ class Shipper:
         self.replica = replica
         self.limiter = transfer.limiter  # the replica's: it holds the cap
         self.pacing = CapShare(replica)
+        self.delay_probe = delay_probe
+        self.scavenger = Scavenger(config.delay_target)
+        self.ceiling = 0.0  # site-wide, of the band above the cap; 0: no band
+        self.allowed = 0.0  # this replica's rate now: its share, and what the band adds
         self.breaker = Breaker(probe=self._probe, on_change=self._wake)
         rate = self.limiter.rate
         # A few uploads at once to start with, to fill the link with small photos; each lane adapts.
@@ -113,12 +134,15 @@ class Shipper:
         self._next_control = self._next_backlog = self._next_concurrency = 0.0
         self._warned: dict[str, float] = {}
         self._resplit_later: asyncio.TimerHandle | None = None
+        self._band_wake = asyncio.Event()
+        self._measuring = False  # the delay loop samples (else it only looks now and then)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, supervisor: Supervisor) -> None:
         supervisor.start("shipper-pace", self._pace, every=TICK_S, wake=self._wakeup)
         supervisor.start("shipper-peers", self.peers.step, every=HEARTBEAT_EVERY_S, wake=self.peers.wake)
+        supervisor.start("shipper-delay", self._measure_delay, every=PROBE_EVERY_S, wake=self._band_wake)
 
     async def on_consumer_ready(self, broker: Broker) -> None:
         """Listen for operator controls and the other replicas' heartbeats."""
@@ -193,7 +217,20 @@ class Shipper:
             concurrency=sum(lane.concurrency.limit for lane in self.lanes.values()),
             link_limited=any(lane.concurrency.link_limited for lane in self.lanes.values()),
             breaker_reason=self.breaker.reason,
+            ceiling_bytes_per_s=self.ceiling,
+            allowed_bytes_per_s=self.allowed,
+            scavenging=self.scavenging(),
+            queueing_delay_s=self.scavenger.queueing_delay_s if self._band_in_use() else None,
+            base_delay_s=self.scavenger.base_delay_s,
+            delay_target_s=self.scavenger.target_s,
         )
+
+    def scavenging(self) -> str:
+        """What the band above the cap is doing: ``off`` (none in force), ``idle`` (nothing to
+        ship), or the controller's state (measuring, using_idle_uplink, yielding, unmeasured)."""
+        if self.ceiling <= 0:
+            return SCAVENGING_OFF
+        return self.scavenger.state if self._band_in_use() else SCAVENGING_IDLE
 
     # -- the pace loop ---------------------------------------------------------------------
 
@@ -252,11 +289,17 @@ class Shipper:
         moment = datetime.now(UTC)
         share = self.pacing.split(self.control.cap(self.config.schedule, moment), now)
         self.fresh_share = self.control.fresh_share(self.config.schedule, moment)
-        # While paused, shipments in flight finish at the share they had.
-        if share > 0 and share != self.limiter.rate:
-            self.limiter.set_rate(share)
+        # The band above the share: without one (the default) the rate is the share, as ever.
+        self.ceiling = self.control.ceiling(self.config.schedule, moment)
+        rate = self.scavenger.step(now, moment.timestamp(), floor=share, ceiling=self.pacing.part(self.ceiling))
+        self.allowed = rate
+        if self._band_in_use() and not self._measuring:
+            self._band_wake.set()  # a band to use: start measuring now, not at the next look
+        # While paused, shipments in flight finish at the rate they had.
+        if rate > 0 and rate != self.limiter.rate:
+            self.limiter.set_rate(rate)
         fresh, backlog = self.lanes[FRESH], self.lanes[BACKLOG]
-        rates = pacing.split(share, self.fresh_share, fresh_busy=fresh.busy, backlog_busy=backlog.busy)
+        rates = pacing.split(rate, self.fresh_share, fresh_busy=fresh.busy, backlog_busy=backlog.busy)
         fresh.competing = backlog.competing = fresh.busy and backlog.busy
         for lane, rate in ((fresh, rates.fresh), (backlog, rates.backlog)):
             lane.may_send = rate is not None
@@ -277,16 +320,47 @@ class Shipper:
         if opens_in is not None:
             self._resplit_later = asyncio.get_running_loop().call_later(opens_in, self._resplit)
 
+    # -- the band above the cap --------------------------------------------------------------
+
+    def _band_in_use(self) -> bool:
+        """A band is in force and this replica has work for it."""
+        return (self.ceiling > 0 and self.pacing.announced_busy and not self._stopping
+                and not self.breaker.open)
+
+    async def _measure_delay(self) -> StepResult:
+        """One delay sample while the band is in use, then a re-split at the rate it allows."""
+        self._measuring = self._band_in_use()
+        if not self._measuring:
+            return BAND_RECHECK_S
+        started = time.monotonic()
+        try:
+            delay = await self.delay_probe.round_trip()
+        except OSError as exc:
+            self.metrics.delay_probes.labels("failed").inc()
+            self._quiet_warning("delay probe", "the delay probe to the S3 endpoint failed; shipping at the cap "
+                                "only until it answers", host=self.delay_probe.host, port=self.delay_probe.port,
+                                error=str(exc))
+        else:
+            self.metrics.delay_probes.labels("answered" if delay < self.delay_probe.timeout else "timed_out").inc()
+            self.scavenger.sample(delay, time.monotonic())
+        self.limiter.charge(PROBE_BYTES)  # the probe's packets count towards the cap too
+        self._resplit()
+        return max(0.0, started + PROBE_EVERY_S - time.monotonic())  # a sample every 100 ms, however long each took
+
     @contextlib.contextmanager
     def _dependency(self, what: str) -> Iterator[None]:
         """Carry on without what a dependency could not give this round; say so once a minute."""
         try:
             yield
         except DEPENDENCY_ERRORS as exc:
-            now = time.monotonic()
-            if now - self._warned.get(what, -QUIET_REPEAT_S) >= QUIET_REPEAT_S:
-                self._warned[what] = now
-                log.warning("shipping loop: %s failed; carrying on", what, extra={"error": str(exc)})
+            self._quiet_warning(what, f"shipping loop: {what} failed; carrying on", error=str(exc))
+
+    def _quiet_warning(self, what: str, message: str, **extra: object) -> None:
+        """Log ``message`` about ``what`` at most once a minute."""
+        now = time.monotonic()
+        if now - self._warned.get(what, -QUIET_REPEAT_S) >= QUIET_REPEAT_S:
+            self._warned[what] = now
+            log.warning(message, extra=extra)
 
     def _want_to_consume(self, lane: Lane) -> bool:
         if self._stopping or self.pacing.cap <= 0 or self.breaker.open or not self.consumer.is_ready:
@@ -364,6 +438,15 @@ class Shipper:
         m = self.metrics
         m.cap.set(self.pacing.cap)
         m.share.set(self.pacing.share)
+        m.ceiling.set(self.ceiling)
+        m.allowed.set(self.allowed)
+        scavenging = self.scavenging()
+        for state in SCAVENGING_STATES:
+            m.scavenging.labels(state).set(1 if state == scavenging else 0)
+        delay = self.scavenger.queueing_delay_s if self._band_in_use() else None
+        m.queueing_delay.set(delay if delay is not None else float("nan"))
+        base = self.scavenger.base_delay_s
+        m.base_delay.set(base if base is not None else float("nan"))
         m.fresh_share.set(self.fresh_share)
         m.breaker_open.set(1 if self.breaker.open else 0)
         m.publishing_blocked.set(1 if self.pacing.blocked else 0)

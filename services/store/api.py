@@ -4,8 +4,9 @@
     GET  /api/history           samples of backlog, ingest, egress and cap, for charts
     POST /api/shipping/pause    optional {"until": RFC 3339}
     POST /api/shipping/resume
-    PUT  /api/shipping/rate     {"rate": "40Mbit"} (or bytes per second), and/or {"fresh_share": 0.3};
-                                null returns either to the schedule
+    PUT  /api/shipping/rate     {"rate": "40Mbit"} (or bytes per second), {"fresh_share": 0.3} and/or
+                                {"ceiling": "160Mbit"} (the band above the cap; "off": none);
+                                null returns each to the schedule
     GET  /api/parked            parked photos with their reasons
     POST /api/parked/replay     send parked photos back to shipping
     POST /api/sweep             sweep (reconcile, retention, capacity) now
@@ -47,8 +48,8 @@ from services.common.localstore import StoreUnavailable
 from services.common.openapi import openapi_document, openapi_handler
 from services.common.photos import DEVICE_ID_PATTERN
 from services.common.problems import Problem, json_response
-from services.common.shipping import read_control, write_control
-from services.common.units import parse_fraction, parse_rate
+from services.common.shipping import ShippingControl, read_control, write_control
+from services.common.units import format_bytes, parse_fraction, parse_rate
 from services.store.keeper import Keeper
 
 KEEPER = web.AppKey("keeper", Keeper)
@@ -118,17 +119,32 @@ async def resume(request: web.Request) -> web.Response:
 
 
 async def set_rate(request: web.Request) -> web.Response:
-    """``{"rate": "40Mbit"}`` and/or ``{"fresh_share": 0.3}``; ``null`` returns either to the schedule."""
+    """``{"rate": "40Mbit"}``, ``{"fresh_share": 0.3}`` and/or ``{"ceiling": "160Mbit"}``; ``null`` returns
+    each to the schedule. A ceiling given is checked against a rate override (given or in force); where
+    a cap is at or above the ceiling (a schedule window, a later override) there is simply no band."""
     body = await _json_object(request, allow_empty=False)
-    if not {"rate", "fresh_share"} & set(body) or set(body) - {"rate", "fresh_share"}:
-        raise Problem(400, 'the body must say {"rate": "40Mbit"} (or a number of bytes per second, or null) '
-                           'and/or {"fresh_share": 0.3} (a fraction of the cap, or null), and nothing else')
+    fields = {"rate", "fresh_share", "ceiling"}
+    if not fields & set(body) or set(body) - fields:
+        raise Problem(400, 'the body must say {"rate": "40Mbit"} (or a number of bytes per second, or null), '
+                           '{"fresh_share": 0.3} (a fraction of the cap, or null) and/or {"ceiling": "160Mbit"} '
+                           '(the band above the cap: a rate, "off", or null), and nothing else')
     changes: dict[str, Any] = {}
     if "rate" in body:
         changes["rate_override"] = _rate(body["rate"])
     if "fresh_share" in body:
         changes["fresh_share_override"] = _share(body["fresh_share"])
-    return await _change(request, lambda c: replace(c, **changes))
+    if "ceiling" in body:
+        changes["ceiling_override"] = _ceiling(body["ceiling"])
+
+    def change(current: ShippingControl) -> ShippingControl:
+        new = replace(current, **changes)
+        if ("ceiling" in body and new.ceiling_override and new.rate_override is not None
+                and new.ceiling_override <= new.rate_override):
+            raise Problem(400, f"the ceiling ({format_bytes(new.ceiling_override)}/s) must be above the rate "
+                               f"({format_bytes(new.rate_override)}/s), or \"off\"")
+        return new
+
+    return await _change(request, change)
 
 
 async def list_parked(request: web.Request) -> web.Response:
@@ -241,7 +257,8 @@ async def _change(request: web.Request, new: Any) -> web.Response:
         raise Problem(503, f"the local store is unavailable; nothing changed: {exc}", retry_after=5) from None
     figures = keeper.status()
     return json_response(figures["control"] | {"cap_bytes_per_s": figures["cap_bytes_per_s"],
-                                               "fresh_share": figures["fresh"]["share"]})
+                                               "fresh_share": figures["fresh"]["share"],
+                                               "ceiling_bytes_per_s": figures["scavenging"]["ceiling_bytes_per_s"]})
 
 
 async def _json_object(request: web.Request, *, allow_empty: bool) -> dict[str, Any]:
@@ -292,6 +309,17 @@ def _rate(value: Any) -> float | None:
         except ValueError as exc:
             raise Problem(400, f"rate: {exc}") from None
     raise Problem(400, "rate must be a rate such as \"40Mbit\", a number of bytes per second, or null")
+
+
+def _ceiling(value: Any) -> float | None:
+    """A ceiling for the band above the cap: a rate, ``"off"`` (0: no band), or None (the schedule's)."""
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return 0.0
+    try:
+        return _rate(value)
+    except Problem as problem:
+        raise Problem(400, "ceiling must be a rate such as \"160Mbit\", a number of bytes per second, "
+                           f"\"off\" (no band above the cap), or null ({problem.detail})") from None
 
 
 def _share(value: Any) -> float | None:

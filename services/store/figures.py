@@ -15,7 +15,17 @@ import orjson
 from services.common.broker import Broker
 from services.common.config import StoreKeeperConfig
 from services.common.localstore import LocalStore, StoreUnavailable
-from services.common.shipping import Heartbeat, ShippingControl
+from services.common.shipping import (
+    SCAVENGING_IDLE,
+    SCAVENGING_MEASURING,
+    SCAVENGING_OFF,
+    SCAVENGING_STATES,
+    SCAVENGING_UNMEASURED,
+    SCAVENGING_USING,
+    SCAVENGING_YIELDING,
+    Heartbeat,
+    ShippingControl,
+)
 from services.common.units import format_bytes, format_duration
 from services.store.capacity import Capacity
 from services.store.forecast import drain_eta_s, full_eta_s
@@ -81,6 +91,7 @@ class Figures:
         egress = sum(beat.egress_bytes_per_s for beat in shippers)
         fresh_egress = self._fresh_egress(egress)
         cap = self.control.cap(self.config.schedule, now)
+        scavenging = self._scavenging(shippers, cap, self.control.ceiling(self.config.schedule, now), egress)
         link_limited = any(beat.link_limited for beat in shippers) and egress < LINK_LIMITED_BELOW * cap
         backlog = self.backlog.now()
         eta_drain = drain_eta_s(backlog.bytes, ingest, schedule=self.config.schedule, control=self.control, now=now,
@@ -125,12 +136,17 @@ class Figures:
             # also have a marker with the reason. A marker without a message is counted too.
             "parked": max(sweep_result.parked if sweep_result else 0, self._parked_messages()),
             "shipping": self._shipping_state(shippers, now),
+            # The band above the cap, where shippers use only idle uplink.
+            "scavenging": scavenging,
             "control": {"rate_override": self.control.rate_override,
                         "fresh_share_override": self.control.fresh_share_override,
+                        "ceiling_override": self.control.ceiling_override,
                         "paused": self.control.is_paused(now), "paused_until": self.control.paused_until},
             "shippers": [{"replica": b.replica, "state": b.state, "busy": b.busy,
                           "egress_bytes_per_s": round(b.egress_bytes_per_s, 1), "concurrency": b.concurrency,
-                          "link_limited": b.link_limited, "breaker_reason": b.breaker_reason}
+                          "link_limited": b.link_limited, "breaker_reason": b.breaker_reason,
+                          "allowed_bytes_per_s": round(b.allowed_bytes_per_s, 1), "scavenging": b.scavenging,
+                          "queueing_delay_s": b.queueing_delay_s}
                          for b in shippers],
             "link_limited": link_limited,
             "devices": len(devices),
@@ -145,7 +161,32 @@ class Figures:
                 "eta_drain": "drained" if not backlog.bytes else (
                     "never at current rates" if eta_drain is None else f"in {format_duration(eta_drain)}"),
                 "store_full": "never at current rates" if full_eta is None else f"in {format_duration(full_eta)}",
+                "scavenging": _scavenging_text(scavenging),
             },
+        }
+
+    @staticmethod
+    def _scavenging(shippers: list[Heartbeat], cap: float, ceiling: float, egress: float) -> dict[str, Any]:
+        """The band above the cap: in force or not, the rate used above the floor, the delay the shippers
+        measure, and what they do (the most telling state when they differ)."""
+        states = {b.scavenging for b in shippers}
+        if ceiling <= 0:
+            state = SCAVENGING_OFF
+        else:
+            state = next((s for s in SCAVENGING_STATES if s in states and s != SCAVENGING_OFF), SCAVENGING_IDLE)
+        delays = [b.queueing_delay_s for b in shippers if b.queueing_delay_s is not None]
+        bases = [b.base_delay_s for b in shippers if b.base_delay_s is not None]
+        targets = [b.delay_target_s for b in shippers if b.delay_target_s is not None]
+        return {
+            "state": state,
+            "floor_bytes_per_s": cap,
+            "ceiling_bytes_per_s": ceiling if ceiling > 0 else None,
+            # What the shippers may send now, and what they really send above the floor.
+            "allowed_bytes_per_s": round(sum(b.allowed_bytes_per_s for b in shippers if b.busy), 1),
+            "above_floor_bytes_per_s": round(max(0.0, egress - cap), 1) if ceiling > 0 else 0.0,
+            "queueing_delay_s": round(max(delays), 4) if delays else None,
+            "base_delay_s": round(min(bases), 4) if bases else None,
+            "target_s": max(targets) if targets else None,
         }
 
     def _fresh_egress(self, egress: float) -> float:
@@ -175,6 +216,7 @@ class Figures:
             "t": figures["now"], "backlog_bytes": figures["backlog_bytes"],
             "backlog_objects": figures["backlog_objects"], "ingest": figures["ingest_bytes_per_s"],
             "egress": figures["egress_bytes_per_s"], "cap": figures["cap_bytes_per_s"],
+            "ceiling": figures["scavenging"]["ceiling_bytes_per_s"] or 0,
         })
         if time.monotonic() - self._history_saved >= HISTORY_SAVE_EVERY_S:
             await self.save_history()
@@ -198,6 +240,28 @@ class Figures:
                 self.history.extend(orjson.loads(body))
             except (ValueError, TypeError) as exc:
                 log.warning("history of figures unreadable; starting afresh", extra={"error": str(exc)})
+
+
+def _scavenging_text(band: dict[str, Any]) -> str:
+    """The band's state as a person would say it."""
+    def rate(value: float) -> str:
+        return f"{format_bytes(value)}/s"
+
+    def ms(seconds: float | None) -> str:
+        return "?" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+    floor, delay, target = band["floor_bytes_per_s"], band["queueing_delay_s"], band["target_s"]
+    return {
+        SCAVENGING_OFF: "off: shipping at the cap only",
+        SCAVENGING_IDLE: f"up to {rate(band['ceiling_bytes_per_s'] or 0)} on idle uplink; nothing to ship",
+        SCAVENGING_MEASURING: "measuring the delay to S3 before using idle uplink",
+        SCAVENGING_USING: f"using idle uplink: {rate(band['above_floor_bytes_per_s'])} above the {rate(floor)} floor "
+                          f"(ceiling {rate(band['ceiling_bytes_per_s'] or 0)}); queueing {ms(delay)}, "
+                          f"target {ms(target)}",
+        SCAVENGING_YIELDING: f"yielding to other traffic: queueing {ms(delay)}, above the {ms(target)} target; "
+                             f"at the {rate(floor)} floor",
+        SCAVENGING_UNMEASURED: "no delay measurement (the probe to S3 gets no answer): at the floor",
+    }[band["state"]]
 
 
 def _rounded(value: float | None) -> float | None:

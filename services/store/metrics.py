@@ -32,6 +32,15 @@ class KeeperMetrics:
                             registry=r)
         self.cap = Gauge("photoferry_store_cap_bytes_per_second", "The egress cap in force (0: paused or off)",
                          registry=r)
+        self.ceiling = Gauge("photoferry_store_ceiling_bytes_per_second",
+                             "Ceiling of the band above the cap, where only idle uplink is used (0: no band)",
+                             registry=r)
+        self.above_floor = Gauge("photoferry_store_above_floor_bytes_per_second",
+                                 "Egress above the cap (the floor), all shippers: what idle uplink carried",
+                                 registry=r)
+        self.queueing_delay = Gauge("photoferry_store_queueing_delay_seconds",
+                                    "Queueing delay on the path to S3, the most any shipper measures (NaN: none)",
+                                    registry=r)
         self.fill = Gauge("photoferry_store_fill_ratio",
                           "How full the local store is: the photo budget or the disk, whichever is fuller",
                           registry=r)
@@ -85,6 +94,10 @@ class KeeperMetrics:
         self.ingest.set(figures["ingest_bytes_per_s"])
         self.egress.set(figures["egress_bytes_per_s"])
         self.cap.set(figures["cap_bytes_per_s"])
+        band = figures["scavenging"]
+        self.ceiling.set(band["ceiling_bytes_per_s"] or 0)
+        self.above_floor.set(band["above_floor_bytes_per_s"])
+        self.queueing_delay.set(float("nan") if band["queueing_delay_s"] is None else band["queueing_delay_s"])
         self.fill.set(figures["store_fill"])
         self.full_eta.set(never if figures["store_full_eta_s"] is None else figures["store_full_eta_s"])
         self.high_watermark.set(figures["high_watermark"])

@@ -60,6 +60,9 @@ function chart(svg, points, lines) {
   svg.replaceChildren(...nodes);
 }
 
+const BAND_STATES = { off: "off", idle: "nothing to ship", measuring: "measuring", using_idle_uplink: "using idle uplink",
+                      yielding: "yielding to other traffic", unmeasured: "no measurement" };
+
 async function refresh() {
   if (!token) { askForToken(); return; }
   let s;
@@ -68,7 +71,8 @@ async function refresh() {
     if (!series.length) series = await api("GET", "/api/history");
   } catch (e) { return; }
   series.push({ t: s.now, backlog_bytes: s.backlog_bytes, backlog_objects: s.backlog_objects,
-                ingest: s.ingest_bytes_per_s, egress: s.egress_bytes_per_s, cap: s.cap_bytes_per_s });
+                ingest: s.ingest_bytes_per_s, egress: s.egress_bytes_per_s, cap: s.cap_bytes_per_s,
+                ceiling: s.scavenging.ceiling_bytes_per_s || 0 });
   const cutoff = Date.now() - 12 * 3600 * 1000;
   series = series.filter((p) => Date.parse(p.t) >= cutoff);
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -98,17 +102,27 @@ async function refresh() {
   $("shippers").textContent = s.shippers.length + " shipper(s)" + (s.link_limited ? " · the link is slower than the cap" : "") +
     (s.control.rate_override ? ` · rate set to ${bytes(s.control.rate_override)}/s` : "") +
     (s.control.paused_until ? ` · paused until ${new Date(s.control.paused_until).toLocaleString()}` : "");
+  const band = s.scavenging;
+  $("scavenging").textContent = BAND_STATES[band.state] || band.state;
+  $("scavenging").className = "big " + ({ using_idle_uplink: "ok", unmeasured: "bad" }[band.state] || "");
+  $("scavenging-detail").textContent = s.text.scavenging;
   $("devices").textContent = s.devices;
   $("silent").textContent = s.silent_devices.length ? "silent: " + s.silent_devices.slice(0, 20).join(", ") : "none silent";
   $("parked").textContent = s.parked;
   document.body.dataset.loaded = "yes";
   chart($("backlog-chart"), series, [{ key: "backlog_bytes", color: "#24412f" }]);
-  chart($("egress-chart"), series, [{ key: "cap", color: "#c77700", rate: true }, { key: "egress", color: "#2f6fb3", rate: true },
-                                    { key: "ingest", color: "#7a9a84", rate: true }]);
+  const rates = [{ key: "cap", color: "#c77700", rate: true }, { key: "egress", color: "#2f6fb3", rate: true },
+                 { key: "ingest", color: "#7a9a84", rate: true }];
+  // The ceiling only where a band was ever in force: a line along the axis says nothing.
+  if (series.some((p) => p.ceiling > 0)) rates.push({ key: "ceiling", color: "#7b4fb0", rate: true });
+  chart($("egress-chart"), series, rates);
 }
 $("pause").addEventListener("click", () => api("POST", "/api/shipping/pause").then(refresh, alert));
 $("resume").addEventListener("click", () => api("POST", "/api/shipping/resume").then(refresh, alert));
 $("set-rate").addEventListener("click", () => api("PUT", "/api/shipping/rate", { rate: $("rate").value.trim() }).then(refresh, (e) => alert(e.message)));
 $("schedule").addEventListener("click", () => api("PUT", "/api/shipping/rate", { rate: null }).then(refresh, alert));
+$("set-ceiling").addEventListener("click", () => api("PUT", "/api/shipping/rate", { ceiling: $("ceiling").value.trim() }).then(refresh, (e) => alert(e.message)));
+$("ceiling-off").addEventListener("click", () => api("PUT", "/api/shipping/rate", { ceiling: "off" }).then(refresh, (e) => alert(e.message)));
+$("ceiling-schedule").addEventListener("click", () => api("PUT", "/api/shipping/rate", { ceiling: null }).then(refresh, (e) => alert(e.message)));
 refresh();
 setInterval(refresh, 5000);
