@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services.shipper.limiter import RateLimiter
+from services.shipper.limiter import Pace, RateLimiter
 
 
 class FakeClock:
@@ -102,3 +102,15 @@ def test_bytes_charged_without_waiting_are_paid_for_by_the_readers() -> None:
     # Together they keep to the rate: 10,000 bytes take the readers 10 s, as if they sent them all.
     assert clock.now == pytest.approx(10.0, abs=0.011)
     assert limiter.granted == 10_000
+
+
+def test_fresh_photos_bytes_are_charged_to_the_backlog_while_the_classes_compete() -> None:
+    clock = FakeClock()
+    replica, fresh, backlog = (RateLimiter(rate, clock=clock, sleep=clock.sleep) for rate in (4e6, 1e6, 4e6))
+    competing = True
+    pace = Pace(replica, fresh, lambda: competing, charge=backlog)
+    pace.acquire(100_000)
+    assert (fresh.granted, backlog.granted, replica.granted) == (100_000, 100_000, 100_000)
+    competing = False  # alone, fresh photos take the whole share and owe the backlog nothing
+    pace.acquire(50_000)
+    assert (fresh.granted, backlog.granted, replica.granted) == (100_000, 100_000, 150_000)

@@ -151,7 +151,9 @@ def test_the_bands_ceiling_is_split_as_the_cap_is_so_the_parts_never_exceed_it()
 
 def test_classes_split_the_share_only_while_both_have_work() -> None:
     both = split(4e6, 0.25, fresh_busy=True, backlog_busy=True)
-    assert (both.fresh, both.backlog) == (1e6, 3e6)
+    # The backlog's limiter runs at the whole share and is charged with fresh photos' bytes too.
+    assert (both.fresh, both.backlog) == (1e6, 4e6)
+    assert split(4e6, 1.0, fresh_busy=True, backlog_busy=True).backlog is None
     alone = split(4e6, 0.25, fresh_busy=True, backlog_busy=False)
     assert (alone.fresh, alone.backlog) == (4e6, 4e6)
     oldest_first = split(4e6, 0.0, fresh_busy=True, backlog_busy=True)

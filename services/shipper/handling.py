@@ -29,7 +29,7 @@ from services.shipper import policy
 from services.shipper.accounting import Accounting
 from services.shipper.breaker import Breaker
 from services.shipper.failures import Aborted, TransferError
-from services.shipper.lanes import FRESH, Lane
+from services.shipper.lanes import BACKLOG, FRESH, Lane
 from services.shipper.limiter import Pace, RateLimiter
 from services.shipper.locks import PhotoLocks
 from services.shipper.pacing import CapShare
@@ -107,7 +107,9 @@ class Handler:
                 raise Aborted("the shipper is stopping")
             job = _parse(message)
             async with self._locks.hold(job.id):
-                pace = Pace(self.limiter, lane.limiter, lambda: lane.competing)
+                # Fresh photos' bytes count against the backlog's part too: it takes only what they leave.
+                backlog = self.lanes[BACKLOG].limiter if lane.name == FRESH else None
+                pace = Pace(self.limiter, lane.limiter, lambda: lane.competing, charge=backlog)
                 shipment = await self._ship_job(job, pace, maybe_there=maybe_there(message))
         except Exception as exc:
             outcome = exc

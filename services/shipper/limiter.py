@@ -94,16 +94,20 @@ class RateLimiter:
 class Pace:
     """What one upload's bytes pass: its class's limiter while the classes compete, then the replica's.
 
-    The replica's limiter holds the cap whatever the classes do; a class's limiter
-    holds it to its share, and only while the other class also has work
-    (``competing`` says so, as the pace loop last decided).
+    The replica's limiter holds the cap whatever the classes do. While the classes
+    compete (``competing`` says so, as the pace loop last decided) a class's limiter
+    holds it to its part; fresh photos' bytes are also charged to the backlog's
+    limiter (``charge``), which runs at the whole share: so the backlog gets what
+    fresh photos leave unused, never less than its own part, and fresh photos never
+    more than theirs.
     """
 
     def __init__(self, replica: RateLimiter, share: RateLimiter | None = None,
-                 competing: Callable[[], bool] = lambda: False) -> None:
+                 competing: Callable[[], bool] = lambda: False, *, charge: RateLimiter | None = None) -> None:
         self._replica = replica
         self._share = share
         self._competing = competing
+        self._charge = charge
 
     def piece(self) -> int:
         if self._share is not None and self._competing():
@@ -113,5 +117,6 @@ class Pace:
     def acquire(self, nbytes: int) -> None:
         if self._share is not None and self._competing():
             self._share.acquire(nbytes)
+            if self._charge is not None:
+                self._charge.charge(nbytes)
         self._replica.acquire(nbytes)
-

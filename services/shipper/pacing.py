@@ -31,7 +31,7 @@ its part of the ceiling, so the sum never exceeds the ceiling either.
 
 Within a replica, the share is split between two classes of work (``split``):
 fresh photos may take up to ``fresh_share`` of it while the backlog also has
-work; whatever one class does not use, the other may.
+work, and the backlog takes the rest and whatever fresh photos leave unused.
 
 Pure bookkeeping on a clock the caller passes in: no I/O, no sleeping.
 """
@@ -186,15 +186,16 @@ class ClassRates:
 def split(share: float, fresh_share: float, *, fresh_busy: bool, backlog_busy: bool) -> ClassRates:
     """Split this replica's ``share`` between fresh photos and the backlog.
 
-    Both busy: fresh takes ``fresh_share`` of it and the backlog the rest (with a
-    share of 0 fresh photos wait until the backlog is empty: strictly oldest first;
-    with 1 the backlog waits). One busy: it may take the whole share.
+    Both busy: fresh takes up to ``fresh_share`` of it; the backlog's limiter runs at
+    the whole share and is charged with the fresh photos' bytes too (``Pace``), so it
+    gets the rest and whatever fresh photos leave unused. With a share of 0 fresh
+    photos wait until the backlog is empty (strictly oldest first); with 1 the backlog
+    waits. One busy: it may take the whole share.
     """
     if share <= 0:
         return ClassRates(None, None)
     if not (fresh_busy and backlog_busy):
         return ClassRates(share, share)
     fresh = share * fresh_share
-    backlog = share - fresh
-    return ClassRates(fresh if fresh > 0 else None, backlog if backlog > 0 else None)
+    return ClassRates(fresh if fresh > 0 else None, share if fresh_share < 1 else None)
 
